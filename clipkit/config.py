@@ -1,0 +1,297 @@
+"""Typed experiment configuration: dataclasses loaded from YAML, with dotted overrides.
+
+A config file has three sections, ``model``, ``data`` and ``train``. Every key is checked against
+the dataclasses below: an unknown or misspelt key, or a value of the wrong type, raises
+:class:`ConfigError` naming the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the typed schema."""
+
+
+@dataclass
+class ImageTowerConfig:
+    """A timm trunk whose pooled features are projected to the shared embedding width."""
+
+    timm_name: str = "resnet18"
+    pretrained: bool = False
+    # A local timm checkpoint (.safetensors / .pth); the hub is used only when this is unset and
+    # `pretrained` is true.
+    pretrained_file: str | None = None
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # Extra keyword arguments for `timm.create_model` (drop_path_rate, widths of test models, ...).
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextTowerConfig:
+    """A transformer over open_clip's BPE tokens, pooled at the end-of-text token."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    causal: bool = True
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 512
+    modalities: tuple[str, ...] = ("image", "text")
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    # The learnable logit scale is 1 / temperature: CLIP starts it at 1 / 0.07 and clamps it at 100.
+    init_logit_scale: float = 1 / 0.07
+    max_logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        _check(
+            ("embed_dim", self.embed_dim >= 1, "must be at least 1"),
+            ("modalities", len(set(self.modalities)) >= 2, "needs at least two distinct modalities"),
+            ("init_logit_scale", 0 < self.init_logit_scale <= self.max_logit_scale,
+             "must be positive and at most max_logit_scale"),
+        )
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time image augmentation; evaluation always resizes and centre-crops."""
+
+    # Area fraction range of the random resized crop; (1.0, 1.0) disables cropping.
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    horizontal_flip: bool = False
+
+    def __post_init__(self) -> None:
+        low, high = self.crop_scale
+        _check(("crop_scale", 0 < low <= high <= 1, "must be [low, high] with 0 < low <= high <= 1"))
+
+
+@dataclass
+class DataConfig:
+    # Brace-expandable shard patterns, e.g. "shards/train-{000000..000099}.tar".
+    train_shards: str = ""
+    eval_shards: str = ""
+    # Samples in one pass over train_shards; read from sizes.json beside the shards when unset.
+    train_num_samples: int | None = None
+    batch_size: int = 256
+    num_workers: int = 4
+    shuffle_buffer: int = 2000
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            ("train_num_samples", self.train_num_samples is None or self.train_num_samples >= 1, "must be at least 1"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("num_workers", self.num_workers >= 0, "must not be negative"),
+            ("shuffle_buffer", self.shuffle_buffer >= 0, "must not be negative"),
+        )
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    epochs: int = 1
+    # When set, training stops after this many optimizer steps, whatever `epochs` says.
+    max_steps: int | None = None
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 1000
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check(
+            ("epochs", self.epochs >= 1, "must be at least 1"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be at least 1"),
+            ("lr", self.lr > 0, "must be positive"),
+            ("weight_decay", self.weight_decay >= 0, "must not be negative"),
+            ("betas", all(0 <= b < 1 for b in self.betas), "must both be in [0, 1)"),
+            ("eps", self.eps > 0, "must be positive"),
+            ("warmup_steps", self.warmup_steps >= 0, "must not be negative"),
+            ("log_every", self.log_every >= 1, "must be at least 1"),
+        )
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of builtins (safe for YAML, JSON and ``weights_only`` checkpoints)."""
+        return _to_builtin(dataclasses.asdict(self))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config file and apply ``key.path=value`` overrides on top of it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    config = from_dict(ExperimentConfig, raw, source=str(path))
+    return apply_overrides(config, overrides or [])
+
+
+def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Return a copy of ``config`` with each ``a.b.c=value`` override applied (value parsed as YAML)."""
+    raw = config.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {item!r}: {where!r} is not a config section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text else ""
+    return from_dict(ExperimentConfig, raw, source="--set overrides")
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def from_dict(cls: type, raw: Any, *, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, checking every key and value type."""
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in raw if key not in names]
+    if unknown:
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean {prefix + close[0]!r}?)" if close else f" (known keys: {', '.join(names)})"
+        raise ConfigError(f"{source}: unknown key {prefix + key!r}{hint}")
+    values = {
+        name: _convert(hints[name], value, source=source, key=f"{prefix}{name}")
+        for name, value in raw.items()
+    }
+    try:
+        return cls(**values)
+    except ConfigError as err:  # a range check in __post_init__: add the file and the section
+        raise ConfigError(f"{source}: {prefix}{err}") from None
+
+
+def _check(*rules: tuple[str, bool, str]) -> None:
+    """Range checks run when a config section is built: ``(key, ok, message)`` → ConfigError if not ok."""
+    for key, ok, message in rules:
+        if not ok:
+            raise ConfigError(f"{key} {message}")
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _convert(hint: Any, value: Any, *, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key} must be {expected}, got {_describe(value)}")
+
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, source=source, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _convert(option, value, source=source, key=key)
+            except ConfigError:
+                continue
+        fail(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value not in args:
+            fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if hint is float:
+        # YAML 1.1 reads "3e-4" (no dot) as a string; accept numeric text so configs read naturally.
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail(f"a list ({_type_name(hint)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            item_types = [args[0]] * len(value)
+        else:
+            if len(value) != len(args):
+                fail(f"a list of {len(args)} items")
+            item_types = list(args)
+        return tuple(
+            _convert(t, v, source=source, key=f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))
+        )
+    if origin is list:
+        if not isinstance(value, list):
+            fail("a list")
+        return [_convert(args[0], v, source=source, key=f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail("a mapping")
+        return {str(k): _convert(args[1], v, source=source, key=f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_builtin(v) for v in value]
+    return value

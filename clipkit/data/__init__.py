@@ -1,0 +1,1 @@
+"""Data: the webdataset pipeline, shard writing and procedural toy data."""

@@ -1,0 +1,44 @@
+"""The interface every modality plug-in implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from torch import nn
+
+from clipkit.config import AugmentConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class FieldDecoder:
+    """Turns the bytes of one shard member into a tensor (or, for metadata, a plain value) for
+    the batch key ``name``.
+
+    ``extensions`` are tried in order (e.g. ``("jpg", "jpeg", "png", "webp")``); the first one the
+    sample has is decoded. ``decode`` must be picklable: it runs inside data-loader workers.
+    """
+
+    name: str
+    extensions: tuple[str, ...]
+    decode: Callable[[bytes], Any]
+
+
+class Modality(ABC):
+    """A modality: its shard decoding (in data workers) and its tower (on the device)."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, model_config: ModelConfig, augment: AugmentConfig) -> "Modality":
+        """Build the plug-in from the model config and the training augmentation settings."""
+
+    @abstractmethod
+    def field(self, train: bool) -> FieldDecoder:
+        """The decoder for this modality's shard members, with training or evaluation transforms."""
+
+    @abstractmethod
+    def build_tower(self, embed_dim: int) -> nn.Module:
+        """A module mapping a batch of decoded inputs to features of shape (B, embed_dim)."""

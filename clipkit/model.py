@@ -1,0 +1,67 @@
+"""The contrastive model: one tower per modality, a shared embedding space, a learnable temperature."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipkit.config import ModelConfig
+from clipkit.modalities import get_modality
+from clipkit.modalities.text import tokenize
+
+
+class ContrastiveModel(nn.Module):
+    """Towers keyed by modality name, each ending in a projection to ``embed_dim``.
+
+    ``logit_scale`` holds log(1 / temperature); it starts at log(init_logit_scale), i.e. temperature 0, and is clamped to
+    log(max_logit_scale) after every optimizer step (see :meth:`clamp_logit_scale_`).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if len(set(config.modalities)) < 2:
+            raise ValueError(f"model.modalities needs at least two distinct modalities, got {config.modalities}")
+        self.config = config
+        self.towers = nn.ModuleDict(
+            {name: get_modality(name, config).build_tower(config.embed_dim) for name in config.modalities}
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.towers.keys())
+
+    def encode(self, modality: str, inputs: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Embed a batch of one modality: inputs (B, ...) → (B, embed_dim), unit norm by default."""
+        if modality not in self.towers:
+            raise KeyError(f"this model has no {modality!r} tower; it has {', '.join(self.modalities)}")
+        features = self.towers[modality](inputs)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) uint8 or [0, 1] float images → (B, embed_dim)."""
+        return self.encode("image", images, normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, context_length) token ids → (B, embed_dim)."""
+        return self.encode("text", tokens, normalize)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Strings → (N, context_length) token ids for :meth:`encode_text`, on the model's device."""
+        return tokenize(texts, self.config.text.context_length).to(self.logit_scale.device)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unit-norm features (B, embed_dim) for every modality of the batch the model has a tower for."""
+        return {name: self.encode(name, batch[name]) for name in self.modalities if name in batch}
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        self.logit_scale.clamp_(0, math.log(self.config.max_logit_scale))
+
+
+def create_model(config: ModelConfig) -> ContrastiveModel:
+    return ContrastiveModel(config)

@@ -1,0 +1,48 @@
+"""The README's main job, end to end with the shipped config: the accuracy the issue promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipkit.cli import QUICKSTART_CONFIG, resolve_config_path
+from clipkit.config import load_config
+from clipkit.quickstart import QUERIES, run_quickstart
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quickstart_learns_the_toy_world(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(resolve_config_path(QUICKSTART_CONFIG), [f"train.output_dir={tmp_path / 'run'}"])
+    result = run_quickstart(config, tmp_path / "cache", num_train=24_000, num_eval=2_400, progress=False)
+
+    assert result.zeroshot.num_classes >= 20 and result.zeroshot.chance <= 0.05
+    assert result.zeroshot.num_samples == 2_400
+    assert result.zeroshot.top1 >= 0.5, result.zeroshot
+    assert result.seconds < 600
+    red_circles = result.queries[QUERIES[0]]
+    assert len(red_circles) == 5
+    assert red_circles[0].metadata["class_name"] == "red circle"
+    assert all(hit.metadata["colour"] == "red" for hit in red_circles)
+    blue_squares = result.queries[QUERIES[1]]
+    assert all(hit.metadata["colour"] == "blue" for hit in blue_squares)
+    assert sum(hit.metadata["shape"] == "square" for hit in blue_squares) >= 3
+    assert result.checkpoint.is_file()
+
+    printed = capsys.readouterr().out
+    assert f"top-1 {result.zeroshot.top1:.1%}" in printed and "chance 4.2%" in printed
+
+
+def test_quickstart_command_rejects_a_bad_override(tmp_path: Path) -> None:
+    """The console entry point runs and fails fast, before making data, on a misspelt key."""
+    run = subprocess.run(
+        [sys.executable, "-m", "clipkit", "quickstart", "--cache-dir", str(tmp_path), "--set", "train.lrr=1"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert run.returncode == 2
+    assert "unknown key 'train.lrr'" in run.stderr and "did you mean 'train.lr'" in run.stderr
+    assert not any(tmp_path.iterdir())
