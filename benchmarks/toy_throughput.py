@@ -49,13 +49,18 @@ def main() -> None:
                              train=True, shuffle_size=config.data.shuffle_buffer)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {config.data.batch_size}, "
               f"{config.model.image.image_size} px")
+        loader_rates = {}
         for workers in (0, 1, 2):
-            rate = loader_samples_per_s(stream, workers, max_batches=20)
-            print(f"data loader, {workers} worker(s): {rate:8.0f} samples/s")
+            loader_rates[workers] = loader_samples_per_s(stream, workers, max_batches=20)
+            print(f"data loader, {workers} worker(s): {loader_rates[workers]:8.0f} samples/s")
         trainer = Trainer(config, progress=False)
         result = trainer.fit()
-        print(f"training ({config.model.image.timm_name}, {args.steps} steps incl. data): "
-              f"{result.samples / result.seconds:8.0f} samples/s")
+        train_rate = result.samples / result.seconds
+        print(f"training ({config.model.image.timm_name}, {args.steps} steps incl. data): {train_rate:8.0f} samples/s")
+        workers = config.data.num_workers
+        if workers in loader_rates:
+            print(f"headroom: the {workers}-worker loader delivers {loader_rates[workers] / train_rate:.1f}x "
+                  f"what training consumes (above 1: data loading is not the bottleneck)")
 
 
 if __name__ == "__main__":
