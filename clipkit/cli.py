@@ -48,13 +48,37 @@ def cmd_make_toy(args: argparse.Namespace) -> None:
     print(f"{len(toy.classnames)} classes in {toy.root / 'classnames.txt'}")
 
 
+def cmd_make_shards(args: argparse.Namespace) -> None:
+    from clipkit.data.make_shards import MakeShardsError, make_shards
+
+    try:
+        result = make_shards(
+            args.input, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+            workers=args.workers, image_col=args.image_col, caption_col=args.caption_col,
+            progress=not args.no_progress,
+        )
+    except MakeShardsError as err:
+        print(f"clipkit: make-shards: {err}", file=sys.stderr)
+        raise SystemExit(2) from err  # the exit code of a usage error, like a bad config
+    print(result.summary())
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from clipkit.train.distributed import shutdown_distributed
     from clipkit.train.trainer import Trainer
 
-    result = Trainer(_load(args)).fit()
-    print(f"trained {result.steps} steps ({result.samples} samples) in {result.seconds:.0f} s, "
-          f"final loss {result.final_loss:.4f}; skipped samples: {result.skipped}")
-    print(f"checkpoint: {result.checkpoint}")
+    overrides = [*args.set, f"train.resume={args.resume}"] if args.resume else args.set
+    config = load_config(resolve_config_path(args.config), overrides)
+    try:
+        trainer = Trainer(config)
+        result = trainer.fit()
+        if trainer.dist.is_main:
+            verb = "stopped by signal after" if result.interrupted else "trained"
+            print(f"{verb} {result.steps} steps ({result.samples} samples) in {result.seconds:.0f} s, "
+                  f"final loss {result.final_loss:.4f}; skipped samples: {result.skipped}")
+            print(f"checkpoint: {result.checkpoint}")
+    finally:
+        shutdown_distributed()
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -81,8 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=cmd_make_toy)
 
+    shards = sub.add_parser("make-shards", help="convert images + captions into webdataset shards")
+    shards.add_argument("--input", required=True,
+                        help="a folder of images with sidecar .txt captions, or a .csv, .tsv or .jsonl file")
+    shards.add_argument("--out", required=True, help="output folder")
+    shards.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ...")
+    shards.add_argument("--samples-per-shard", type=int, default=10_000)
+    shards.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all CPUs)")
+    shards.add_argument("--image-col", default="image", help="CSV/TSV/JSONL column with the image path")
+    shards.add_argument("--caption-col", default="caption", help="CSV/TSV/JSONL column with the caption")
+    shards.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    shards.set_defaults(func=cmd_make_shards)
+
     train = sub.add_parser("train", help="train a contrastive model on webdataset shards")
     _add_config_args(train, default=None)
+    train.add_argument("--resume", metavar="latest|PATH",
+                       help="continue from the newest checkpoint in train.output_dir, or from a checkpoint file")
     train.set_defaults(func=cmd_train)
 
     quick = sub.add_parser("quickstart", help="offline end-to-end demo on toy data (CPU, minutes)")

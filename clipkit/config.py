@@ -37,6 +37,8 @@ class ImageTowerConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     # Extra keyword arguments for `timm.create_model` (drop_path_rate, widths of test models, ...).
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # LiT ("lock image tower"): freeze the whole tower, weights and normalisation statistics.
+    lock: bool = False
 
 
 @dataclass
@@ -50,6 +52,8 @@ class TextTowerConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
     causal: bool = True
+    # Freeze the whole text tower.
+    lock: bool = False
 
 
 @dataclass
@@ -58,17 +62,28 @@ class ModelConfig:
     modalities: tuple[str, ...] = ("image", "text")
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    # The learnable logit scale is 1 / temperature: CLIP starts it at 1 / 0.07 and clamps it at 100.
-    init_logit_scale: float = 1 / 0.07
+    # "infonce" (CLIP's softmax over the batch) or "siglip" (a sigmoid per pair, with a learnable bias).
+    loss: Literal["infonce", "siglip"] = "infonce"
+    # The learnable logit scale is 1 / temperature, clamped at max_logit_scale. Unset, it starts where
+    # the loss's paper starts it: 1 / 0.07 for InfoNCE (CLIP), 10 for SigLIP.
+    init_logit_scale: float | None = None
     max_logit_scale: float = 100.0
+    # SigLIP's learnable logit bias starts at -10: almost every pair in a batch is a non-match.
+    init_logit_bias: float = -10.0
 
     def __post_init__(self) -> None:
         _check(
             ("embed_dim", self.embed_dim >= 1, "must be at least 1"),
             ("modalities", len(set(self.modalities)) >= 2, "needs at least two distinct modalities"),
-            ("init_logit_scale", 0 < self.init_logit_scale <= self.max_logit_scale,
+            ("init_logit_scale", 0 < self.initial_logit_scale <= self.max_logit_scale,
              "must be positive and at most max_logit_scale"),
         )
+
+    @property
+    def initial_logit_scale(self) -> float:
+        if self.init_logit_scale is not None:
+            return self.init_logit_scale
+        return 10.0 if self.loss == "siglip" else 1 / 0.07
 
 
 @dataclass
@@ -86,22 +101,44 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    # Brace-expandable shard patterns, e.g. "shards/train-{000000..000099}.tar".
+    # Brace-expandable shard patterns, e.g. "shards/train-{000000..000099}.tar"; several sources are
+    # joined with "::", e.g. "a/train-{000..099}.tar::b/train-{000..009}.tar".
     train_shards: str = ""
     eval_shards: str = ""
-    # Samples in one pass over train_shards; read from sizes.json beside the shards when unset.
+    # Samples in one epoch. Without resampling, one pass over train_shards (read from sizes.json
+    # beside the shards when unset); with resampling, required: no pass ever ends.
     train_num_samples: int | None = None
+    # Draw training shards with replacement (every data worker, forever, seeded per epoch) instead of
+    # reading each shard once per epoch: any number of ranks and workers, and weighted sources.
+    resampled: bool = False
+    # One weight per "::"-separated pattern of train_shards (resampled only): a shard is drawn with
+    # probability proportional to its pattern's weight divided by that pattern's shard count.
+    train_data_weights: list[float] | None = None
     batch_size: int = 256
     num_workers: int = 4
     shuffle_buffer: int = 2000
+    # Stop training when more than this fraction of the samples read so far were skipped as
+    # undecodable or incomplete: a dataset that bad is broken, not noisy.
+    max_skip_fraction: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        weights = self.train_data_weights
+        num_patterns = len([part for part in self.train_shards.split("::") if part])
         _check(
             ("train_num_samples", self.train_num_samples is None or self.train_num_samples >= 1, "must be at least 1"),
+            ("train_num_samples", self.train_num_samples is not None or not self.resampled,
+             "must be set when resampled is true: it is the length of an epoch, as no pass over the shards ends"),
+            ("train_data_weights", weights is None or self.resampled,
+             "needs resampled: true (weights set how often shards are drawn with replacement)"),
+            ("train_data_weights", weights is None or all(w > 0 for w in weights), "must all be positive"),
+            ("train_data_weights", weights is None or not num_patterns or len(weights) == num_patterns,
+             f"must give one weight per '::'-separated pattern of train_shards "
+             f"({len(weights or [])} weights, {num_patterns} patterns)"),
             ("batch_size", self.batch_size >= 1, "must be at least 1"),
             ("num_workers", self.num_workers >= 0, "must not be negative"),
             ("shuffle_buffer", self.shuffle_buffer >= 0, "must not be negative"),
+            ("max_skip_fraction", 0 < self.max_skip_fraction <= 1, "must be in (0, 1]"),
         )
 
 
@@ -116,8 +153,26 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 1000
+    # After warmup: "cosine" decays to 0; "constant" holds; "const-cooldown" holds, then decays
+    # linearly to 0 over the last `cooldown_steps`.
+    schedule: Literal["cosine", "constant", "const-cooldown"] = "cosine"
+    cooldown_steps: int = 0
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # "auto": bf16 autocast on CUDA, fp32 on the CPU. "fp16" adds a gradient scaler.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_clip_norm: float | None = None
+    # Recompute tower activations in the backward pass (where timm / the text tower support it).
+    grad_checkpointing: bool = False
+    # Optimizer step every `accum_freq` micro-batches of data.batch_size, with the loss over all of
+    # them together (contrastive semantics of one batch of accum_freq × batch_size).
+    accum_freq: int = 1
+    # InfoNCE across ranks: each rank scores its own rows against all columns (less memory, same result).
+    local_loss: bool = False
+    # Checkpoint every this many steps (and at the end, and on SIGTERM / SIGINT); keep the newest `keep_last`.
+    save_every: int | None = None
+    keep_last: int = 2
+    # "latest" (the newest checkpoint in output_dir) or a checkpoint path to continue from.
+    resume: str | None = None
     seed: int = 0
     log_every: int = 10
 
@@ -130,6 +185,11 @@ class TrainConfig:
             ("betas", all(0 <= b < 1 for b in self.betas), "must both be in [0, 1)"),
             ("eps", self.eps > 0, "must be positive"),
             ("warmup_steps", self.warmup_steps >= 0, "must not be negative"),
+            ("cooldown_steps", self.cooldown_steps >= 0, "must not be negative"),
+            ("grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm > 0, "must be positive"),
+            ("accum_freq", self.accum_freq >= 1, "must be at least 1"),
+            ("save_every", self.save_every is None or self.save_every >= 1, "must be at least 1"),
+            ("keep_last", self.keep_last >= 1, "must be at least 1"),
             ("log_every", self.log_every >= 1, "must be at least 1"),
         )
 
@@ -146,7 +206,11 @@ class ExperimentConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML config file and apply ``key.path=value`` overrides on top of it."""
+    """Load a YAML config file and apply ``key.path=value`` overrides on top of it.
+
+    Overrides are merged before validation, so an override may complete the file (e.g. a file with
+    ``train_data_weights`` plus ``--set data.resampled=true``).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -154,27 +218,34 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raw = yaml.safe_load(fh) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    config = from_dict(ExperimentConfig, raw, source=str(path))
-    return apply_overrides(config, overrides or [])
+    source = f"{path} with --set overrides" if overrides else str(path)
+    return from_dict(ExperimentConfig, _merge_overrides(raw, overrides or []), source=source)
 
 
 def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """Return a copy of ``config`` with each ``a.b.c=value`` override applied (value parsed as YAML)."""
-    raw = config.to_dict()
+    return from_dict(ExperimentConfig, _merge_overrides(config.to_dict(), overrides), source="--set overrides")
+
+
+def _merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``a.b.c=value`` override in the nested dict ``raw`` (in place; returns it)."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
-        node = raw
+        node, schema = raw, ExperimentConfig
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
-            child = node.get(part) if isinstance(node, dict) else None
+            # A section the file leaves out (all defaults) is created; a key that is no section is an error.
+            hint = typing.get_type_hints(schema).get(part) if schema is not None else None
+            schema = hint if dataclasses.is_dataclass(hint) else None
+            child = node.setdefault(part, {}) if schema is not None else node.get(part)
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
                 raise ConfigError(f"--set {item!r}: {where!r} is not a config section")
             node = child
         node[parts[-1]] = yaml.safe_load(text) if text else ""
-    return from_dict(ExperimentConfig, raw, source="--set overrides")
+    return raw
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:

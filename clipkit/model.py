@@ -17,8 +17,9 @@ from clipkit.modalities.text import tokenize
 class ContrastiveModel(nn.Module):
     """Towers keyed by modality name, each ending in a projection to ``embed_dim``.
 
-    ``logit_scale`` holds log(1 / temperature); it starts at log(init_logit_scale), i.e. temperature 0, and is clamped to
-    log(max_logit_scale) after every optimizer step (see :meth:`clamp_logit_scale_`).
+    ``logit_scale`` holds log(1 / temperature); it starts at log(``config.initial_logit_scale``) and
+    is clamped to log(max_logit_scale) after every optimizer step (see :meth:`clamp_logit_scale_`).
+    ``logit_bias`` is SigLIP's learnable bias (None for InfoNCE).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -29,7 +30,24 @@ class ContrastiveModel(nn.Module):
         self.towers = nn.ModuleDict(
             {name: get_modality(name, config).build_tower(config.embed_dim) for name in config.modalities}
         )
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.initial_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias)) if config.loss == "siglip" else None
+        self.locked = {name for name in config.modalities if getattr(getattr(config, name, None), "lock", False)}
+        for name in self.locked:
+            self.towers[name].requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ContrastiveModel":
+        """As ``nn.Module.train``, but locked towers stay in eval mode (frozen normalisation statistics)."""
+        super().train(mode)
+        for name in self.locked:
+            self.towers[name].eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward in every tower that supports it (timm trunks, the text tower)."""
+        for tower in self.towers.values():
+            if hasattr(tower, "set_grad_checkpointing"):
+                tower.set_grad_checkpointing(enable)
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -77,6 +77,16 @@ def test_wrong_types_rejected(tmp_path, data, pattern):
     [
         ({"data": {"batch_size": 0}}, r"data\.batch_size must be at least 1"),
         ({"data": {"num_workers": -1}}, r"data\.num_workers must not be negative"),
+        ({"data": {"max_skip_fraction": 0}}, r"data\.max_skip_fraction must be in \(0, 1\]"),
+        ({"data": {"max_skip_fraction": 1.5}}, r"data\.max_skip_fraction must be in \(0, 1\]"),
+        ({"data": {"resampled": True}}, r"data\.train_num_samples must be set when resampled is true"),
+        ({"data": {"train_shards": "a.tar::b.tar", "train_data_weights": [1, 2]}},
+         r"data\.train_data_weights needs resampled: true"),
+        ({"data": {"train_shards": "a.tar::b.tar", "train_data_weights": [1, 2, 3], "resampled": True,
+                   "train_num_samples": 100}},
+         r"data\.train_data_weights must give one weight per '::'-separated pattern .*\(3 weights, 2 patterns\)"),
+        ({"data": {"train_shards": "a.tar", "train_data_weights": [0], "resampled": True, "train_num_samples": 9}},
+         r"data\.train_data_weights must all be positive"),
         ({"data": {"augment": {"crop_scale": [0.9, 0.5]}}}, r"data\.augment\.crop_scale must be \[low, high\]"),
         ({"train": {"lr": 0}}, r"train\.lr must be positive"),
         ({"train": {"max_steps": 0}}, r"train\.max_steps must be at least 1"),
@@ -90,6 +100,13 @@ def test_out_of_range_values_rejected(tmp_path, data, pattern):
     with pytest.raises(ConfigError, match=pattern) as err:
         load_config(path)
     assert str(path) in str(err.value)
+
+
+def test_resampled_weighted_sources_load(tmp_path):
+    data = {"train_shards": "a-{0..3}.tar::b.tar", "resampled": True, "train_num_samples": 1000,
+            "train_data_weights": [3, 1], "max_skip_fraction": 0.05}
+    config = load_config(write(tmp_path, {"data": data})).data
+    assert config.resampled and config.train_data_weights == [3.0, 1.0] and config.max_skip_fraction == 0.05
 
 
 def test_float_written_without_dot_is_accepted(tmp_path):
@@ -134,3 +151,15 @@ def test_missing_file_and_bad_top_level(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(path)
+
+
+def test_overrides_are_merged_before_validation(tmp_path):
+    """A file valid only with its override loads; without the override it is rejected."""
+    path = write(tmp_path, {"data": {"train_shards": "a.tar::b.tar", "train_data_weights": [3, 1],
+                                     "train_num_samples": 100}})
+    config = load_config(path, ["data.resampled=true", "model.image.lock=true"])
+    assert config.data.resampled and config.data.train_data_weights == [3.0, 1.0] and config.model.image.lock
+    with pytest.raises(ConfigError, match="train_data_weights needs resampled"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="with --set overrides: unknown key 'train.lrr'"):
+        load_config(path, ["data.resampled=true", "train.lrr=1"])

@@ -23,7 +23,6 @@ def test_quickstart_learns_the_toy_world(tmp_path: Path, capsys: pytest.CaptureF
     assert result.zeroshot.num_classes >= 20 and result.zeroshot.chance <= 0.05
     assert result.zeroshot.num_samples == 2_400
     assert result.zeroshot.top1 >= 0.5, result.zeroshot
-    assert result.seconds < 600
     red_circles = result.queries[QUERIES[0]]
     assert len(red_circles) == 5
     assert red_circles[0].metadata["class_name"] == "red circle"

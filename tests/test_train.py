@@ -1,7 +1,12 @@
 import dataclasses
+import io
 import json
+import math
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +15,7 @@ import yaml
 
 from clipkit.config import ExperimentConfig
 from clipkit.train.checkpoint import load_model
-from clipkit.train.optim import build_optimizer, warmup_cosine
+from clipkit.train.optim import build_optimizer, lr_multiplier
 from clipkit.train.trainer import Trainer
 from tests.conftest import tiny_model_config
 
@@ -76,7 +81,7 @@ def test_no_weight_decay_on_gains_biases_and_temperature():
 
 
 def test_warmup_cosine_schedule():
-    schedule = warmup_cosine(warmup_steps=10, total_steps=110)
+    schedule = lr_multiplier("cosine", warmup_steps=10, total_steps=110)
     assert schedule(0) == pytest.approx(0.1)
     assert schedule(9) == pytest.approx(1.0)
     assert schedule(10) == pytest.approx(1.0)
@@ -84,6 +89,17 @@ def test_warmup_cosine_schedule():
     assert schedule(110) == pytest.approx(0.0, abs=1e-12)
     values = [schedule(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_constant_and_cooldown_schedules():
+    constant = lr_multiplier("constant", warmup_steps=4, total_steps=100)
+    assert constant(1) == pytest.approx(0.5) and constant(4) == constant(99) == 1.0
+    cooldown = lr_multiplier("const-cooldown", warmup_steps=4, total_steps=100, cooldown_steps=20)
+    assert cooldown(79) == 1.0
+    assert cooldown(80) == pytest.approx(1.0) and cooldown(90) == pytest.approx(0.5)
+    assert cooldown(100) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_multiplier("step", warmup_steps=0, total_steps=10)
 
 
 def test_missing_sizes_needs_an_explicit_length(tiny_config, toy_shards, tmp_path):
@@ -111,3 +127,127 @@ def test_python_m_clipkit_train_cli(tiny_config, toy_shards, tmp_path):
     bad = subprocess.run([*command[:-4], "--set", "train.lrr=1"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2
     assert "unknown key 'train.lrr'" in bad.stderr and "did you mean 'train.lr'" in bad.stderr
+
+
+def test_resume_continues_exactly(tiny_config, toy_shards, tmp_path):
+    """2·n steps straight == n steps, a checkpoint, a new process state, n more steps (mid-epoch)."""
+    config = with_toy(tiny_config, toy_shards)
+    config.train.max_steps = 26  # 20 steps per epoch: the resume point (13) is mid-epoch, the end is not
+    config.train.save_every = 13
+    straight = Trainer(config, progress=False)
+    straight.fit()
+    checkpoints = Path(config.train.output_dir) / "checkpoints"
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 26
+
+    resumed_config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, output_dir=str(tmp_path / "resumed"),
+                                          resume=str(checkpoints / "step-00000013.pt")))
+    torch.manual_seed(123)  # the checkpoint's RNG state must win over whatever the process holds
+    resumed = Trainer(resumed_config, progress=False)
+    assert (resumed.step, resumed.epoch, resumed.batches_in_epoch) == (13, 0, 13)
+    result = resumed.fit()
+    assert result.steps == 13 and resumed.step == 26
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
+    assert resumed.samples_seen == straight.samples_seen == 26 * 16
+
+
+def test_resume_latest_needs_a_checkpoint(tiny_config, toy_shards):
+    config = with_toy(tiny_config, toy_shards)
+    config.train.resume = "latest"
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint yet"):
+        Trainer(config, progress=False)
+
+
+def test_keep_last_prunes_old_checkpoints(tiny_config, toy_shards):
+    config = with_toy(tiny_config, toy_shards)
+    config.train.max_steps, config.train.save_every, config.train.keep_last = 8, 2, 2
+    Trainer(config, progress=False).fit()
+    names = sorted(p.name for p in (Path(config.train.output_dir) / "checkpoints").iterdir())
+    assert names == ["final.pt", "latest.json", "step-00000006.pt", "step-00000008.pt"]
+    payload = torch.load(Path(config.train.output_dir) / "checkpoints" / "step-00000008.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "step", "epoch"} <= set(payload)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_config, toy_shards, tmp_path):
+    config = with_toy(tiny_config, toy_shards)
+    config.train.max_steps = 100_000
+    config.train.log_every = 1
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    process = subprocess.Popen([sys.executable, "-m", "clipkit.train", "--config", str(path)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = Path(config.train.output_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped by signal after" in stdout and "--resume latest" in stderr
+    checkpoints = Path(config.train.output_dir) / "checkpoints"
+    step = json.loads((checkpoints / "latest.json").read_text())["step"]
+    assert 2 <= step < 100_000 and not (checkpoints / "final.pt").exists()
+
+    command = [sys.executable, "-m", "clipkit.train", "--config", str(path), "--resume", "latest",
+               "--set", f"train.max_steps={step + 2}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "trained 2 steps" in done.stdout and (checkpoints / "final.pt").is_file()
+    steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps_logged[-2:] == [step + 1, step + 2]  # the resumed run appends to the same log
+
+
+def test_locked_image_tower_does_not_change(tiny_config, toy_shards):
+    config = with_toy(tiny_config, toy_shards)
+    config.model.image.lock = True
+    config.train.max_steps = 3
+    trainer = Trainer(config, progress=False)
+    image_before = {k: v.clone() for k, v in trainer.model.towers["image"].state_dict().items()}
+    text_before = {k: v.clone() for k, v in trainer.model.towers["text"].state_dict().items()}
+    trainer.fit()
+    image_after = trainer.model.towers["image"].state_dict()
+    assert all(torch.equal(v, image_after[k]) for k, v in image_before.items())  # weights and BN statistics
+    assert not trainer.model.towers["image"].training
+    text_after = trainer.model.towers["text"].state_dict()
+    assert any(not torch.equal(v, text_after[k]) for k, v in text_before.items())
+
+
+def test_fp16_with_scaler_clipping_and_checkpointing(tiny_config, toy_shards):
+    config = with_toy(tiny_config, toy_shards)
+    config.model.image.timm_name = "test_vit"
+    config.model.image.timm_kwargs = {"img_size": 32, "patch_size": 8}
+    config.train.precision = "fp16"
+    config.train.grad_clip_norm = 0.05
+    config.train.grad_checkpointing = True
+    config.train.max_steps = 3
+    trainer = Trainer(config, progress=False)
+    assert trainer.scaler.is_enabled()
+    assert trainer.model.towers["text"].transformer.grad_checkpointing
+    assert trainer.model.towers["image"].trunk.grad_checkpointing
+    result = trainer.fit()
+    assert math.isfinite(result.final_loss)
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) <= 0.05 + 1e-4
+
+
+def test_too_many_bad_samples_stop_the_run(tiny_config, toy_shards, tmp_path):
+    from clipkit.data.pipeline import DataQualityError
+
+    good = Path(toy_shards.train_shards[0]).read_bytes()
+    with tarfile.open(tmp_path / "broken.tar", "w") as tar:
+        for i in range(1200):
+            info = tarfile.TarInfo(f"bad{i:05d}.jpg")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"junk"))
+    shards = tmp_path / "mix"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(good)
+    (tmp_path / "broken.tar").replace(shards / "b.tar")
+    config = tiny_config
+    config.data.train_shards = str(shards / "{a,b}.tar")
+    config.data.train_num_samples = 1264
+    config.data.max_skip_fraction = 0.2
+    with pytest.raises(DataQualityError, match="data.max_skip_fraction"):
+        Trainer(config, progress=False).fit()

@@ -1,14 +1,18 @@
-"""The webdataset pipeline: shard list → split by rank and worker → shuffle → decode → batch.
+"""The webdataset pipeline: shards → split by rank and worker (or drawn with replacement) → shuffle
+→ decode → batch.
 
 Batches are dicts of stacked tensors keyed by field name (``image``, ``text``, ``label``, ...), plus
 ``num_skipped``: how many samples this worker dropped (missing member, undecodable bytes) since its
-previous batch, so the trainer can count bad data across worker processes.
+previous batch, and ``skipped_shards``: the shard URL of each of them, so the trainer can count bad
+data across worker processes and name the shards it comes from.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +23,19 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipkit.config import DataConfig
 from clipkit.modalities.base import FieldDecoder
 
 log = logging.getLogger(__name__)
 
 
-def decode_class_label(data: bytes) -> torch.Tensor:
+def decode_class_label(data: bytes, rng: random.Random) -> torch.Tensor:
     """A CLIP_benchmark-style ``.cls`` member (ASCII integer) → scalar int64 tensor."""
     return torch.tensor(int(data.decode("ascii").strip()), dtype=torch.int64)
 
 
-def decode_json(data: bytes) -> dict[str, Any]:
+def decode_json(data: bytes, rng: random.Random) -> dict[str, Any]:
+    """A ``.json`` member → the dict it holds (img2dataset's per-sample metadata)."""
     value = json.loads(data)
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {type(value).__name__}")
@@ -41,16 +47,42 @@ CLASS_LABEL_FIELD = FieldDecoder("label", ("cls",), decode_class_label)
 METADATA_FIELD = FieldDecoder("metadata", ("json",), decode_json)
 
 
+@dataclass(frozen=True)
+class ShardSource:
+    """One source of training data: its shard URLs and, for resampled streams, its sampling weight."""
+
+    shards: tuple[str, ...]
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("a shard source needs at least one shard")
+        if not self.weight > 0:
+            raise ValueError(f"a shard source's weight must be positive, got {self.weight}")
+
+
+def shard_sources(pattern: str, weights: Sequence[float] | None = None) -> list[ShardSource]:
+    """One :class:`ShardSource` per ``::``-separated brace pattern, weighted by ``weights`` (default 1)."""
+    parts = [part for part in pattern.split("::") if part]
+    if not parts:
+        raise ValueError(f"shard pattern {pattern!r} names no shards")
+    weights = [1.0] * len(parts) if weights is None else list(weights)
+    if len(weights) != len(parts):
+        raise ValueError(f"{len(weights)} weight(s) for {len(parts)} '::'-separated shard pattern(s) in {pattern!r}")
+    return [ShardSource(tuple(braceexpand.braceexpand(part)), weight) for part, weight in zip(parts, weights)]
+
+
 def expand_shards(pattern: str) -> list[str]:
     """Brace-expand a shard pattern; several patterns may be joined with ``::``."""
-    shards = [url for part in pattern.split("::") if part for url in braceexpand.braceexpand(part)]
-    if not shards:
-        raise ValueError(f"shard pattern {pattern!r} names no shards")
-    return shards
+    return [url for source in shard_sources(pattern) for url in source.shards]
 
 
 def count_samples(shards: Sequence[str]) -> int | None:
-    """Total sample count from the ``sizes.json`` files beside local shards, or None if any is unknown."""
+    """Total sample count of local shards, or None if any shard's count is unknown.
+
+    A shard's count comes from ``sizes.json`` beside it (clipkit's writers), else from the
+    ``NAME_stats.json`` that img2dataset writes beside ``NAME.tar`` (its ``successes`` field).
+    """
     sizes: dict[Path, dict[str, int]] = {}
     total = 0
     for shard in shards:
@@ -59,6 +91,9 @@ def count_samples(shards: Sequence[str]) -> int | None:
             index = path.parent / "sizes.json"
             sizes[path.parent] = json.loads(index.read_text()) if index.is_file() else {}
         count = sizes[path.parent].get(path.name)
+        stats = path.with_name(f"{path.stem}_stats.json")
+        if count is None and stats.is_file():
+            count = json.loads(stats.read_text()).get("successes")
         if count is None:
             return None
         total += int(count)
@@ -71,19 +106,22 @@ class SampleDecoder:
 
     fields: Sequence[FieldDecoder]
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+    def __call__(self, sample: dict[str, Any], seed: str) -> dict[str, Any] | None:
+        """Each field draws its randomness from ``random.Random("{seed}/{key}/{field}")``: the same
+        sample gets the same augmentation in every worker layout, and fields do not perturb each other."""
         out = {}
+        key = sample.get("__key__")
         for spec in self.fields:
             ext = next((e for e in spec.extensions if e in sample), None)
             if ext is None:
-                log.warning("skipping %s in %s: no %s member (%s)", sample.get("__key__"),
+                log.warning("skipping %s in %s: no %s member (%s)", key,
                             sample.get("__url__"), spec.name, "/".join(spec.extensions))
                 return None
             try:
-                out[spec.name] = spec.decode(sample[ext])
+                out[spec.name] = spec.decode(sample[ext], random.Random(f"{seed}/{key}/{spec.name}"))
             except Exception as err:  # undecodable bytes of any kind must not stop training
-                log.warning("skipping %s in %s: cannot decode %s.%s (%s: %s)", sample.get("__key__"),
-                            sample.get("__url__"), sample.get("__key__"), ext, type(err).__name__, err)
+                log.warning("skipping %s in %s: cannot decode %s.%s (%s: %s)", key,
+                            sample.get("__url__"), key, ext, type(err).__name__, err)
                 return None
         return out
 
@@ -107,81 +145,255 @@ def _log_tar_error(err: Exception) -> bool:
     return True
 
 
+def read_shards(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples of each tar in turn: member bytes by extension, plus ``__key__`` and ``__url__``.
+
+    Unreadable data is logged and passed over; a truncated tar yields the samples before the damage.
+    """
+    read_tars = wds.tarfile_to_samples(handler=_log_tar_error)
+    return iter(read_tars({"url": url} for url in urls))
+
+
+def read_resampled_shards(urls: Iterable[str], patience: int) -> Iterator[dict[str, Any]]:
+    """:func:`read_shards` over an endless draw of ``urls``, failing after ``patience`` empty shards in a
+    row: with every shard unreadable, an endless stream would otherwise only ever log warnings."""
+    empty_in_a_row = 0
+    for url in urls:
+        empty_in_a_row += 1
+        for sample in read_shards([url]):
+            empty_in_a_row = 0
+            yield sample
+        if empty_in_a_row >= patience:
+            raise RuntimeError(f"{patience} shards drawn in a row held no readable sample (the last: {url}); "
+                               "check the shard paths and the warnings above")
+
+
+def loader_position(batch_counts: Sequence[float], position: int) -> tuple[list[int], int]:
+    """Where a DataLoader over an iterable dataset stands after yielding ``position`` batches.
+
+    With W workers the loader takes one batch from each worker in turn (0, 1, ..., W-1, 0, ...) and
+    passes over workers that have run out; ``batch_counts[w]`` is worker w's total (``math.inf``:
+    endless). Returns the batches taken from each worker, and the worker whose batch comes next
+    (once all have run out, the one whose turn it would be).
+    """
+    num_workers = len(batch_counts)
+    taken = [0] * num_workers
+    turn, remaining = 0, position
+    while True:
+        active = [w for w, count in enumerate(batch_counts) if taken[w] < count]
+        if not active:
+            return taken, turn
+        turn = min(active, key=lambda w: (w - turn) % num_workers)  # the first active one from turn on
+        if remaining == 0:
+            return taken, turn
+        # Whole rounds leave the turn where it was: take them in one step until a worker runs out.
+        rounds = int(min(remaining // len(active), *(batch_counts[w] - taken[w] for w in active)))
+        if rounds:
+            for w in active:
+                taken[w] += rounds
+            remaining -= rounds * len(active)
+        else:
+            taken[turn] += 1
+            remaining -= 1
+            turn = (turn + 1) % num_workers
+
+
+def _as_sources(shards: Sequence[str] | Sequence[ShardSource]) -> list[ShardSource]:
+    """ShardSource items as they are; plain URLs as one source of weight 1."""
+    if shards and all(isinstance(item, ShardSource) for item in shards):
+        return list(shards)  # type: ignore[arg-type]
+    if any(isinstance(item, ShardSource) for item in shards):
+        raise TypeError("pass either shard URLs or ShardSource objects, not both")
+    return [ShardSource(tuple(str(url) for url in shards))]
+
+
 class ShardStream(IterableDataset):
     """An iterable over batches of decoded samples from webdataset tar shards.
 
-    Shards are shuffled per epoch (seeded, identical on every rank), then dealt to ranks and to the
-    data-loader workers of each rank so no sample is read twice in an epoch.
+    By default an epoch reads every shard once: shards are shuffled per epoch (seeded, identical on
+    every rank), then dealt to ranks and to the data-loader workers of each rank, so no sample is
+    read twice. With ``resampled=True`` every worker of every rank instead draws shards with
+    replacement, endlessly (seeded by seed, epoch, rank and worker), a shard with probability
+    proportional to its source's weight divided by its source's shard count; an epoch is then
+    ``epoch_samples`` samples over all ranks, ``epoch_samples // (batch_size × world_size)`` batches
+    per rank.
+
+    ``shards`` is a list of URLs (one source) or of :class:`ShardSource`. Each sample's augmentation
+    is seeded by (seed, epoch, sample key), so it does not depend on the worker layout.
     """
 
     def __init__(
         self,
-        shards: Sequence[str],
+        shards: Sequence[str] | Sequence[ShardSource],
         fields: Sequence[FieldDecoder],
         batch_size: int,
         *,
         train: bool,
+        resampled: bool = False,
+        epoch_samples: int | None = None,
         shuffle_size: int = 0,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.shards = list(shards)
+        self.sources = _as_sources(shards)
+        self.shards = [url for source in self.sources for url in source.shards]
         self.decoder = SampleDecoder(list(fields))
         self.batch_size = batch_size
         self.train = train
+        self.resampled = resampled
+        self.epoch_samples = epoch_samples
         self.shuffle_size = shuffle_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip_batches = 0
+        self._check_sampling()
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed shard and sample shuffling; call before iterating (workers copy the dataset then)."""
+    def _check_sampling(self) -> None:
+        if self.resampled:
+            if self.epoch_samples is None:
+                raise ValueError("a resampled stream never runs out: epoch_samples sets the length of an epoch")
+            if self.batches_per_rank() == 0:
+                raise ValueError(f"an epoch of {self.epoch_samples} samples makes no batch of {self.batch_size} "
+                                 f"on each of {self.world_size} rank(s)")
+            return
+        if self.epoch_samples is not None:
+            raise ValueError("epoch_samples applies to resampled streams only: otherwise an epoch is one pass")
+        if any(source.weight != 1 for source in self.sources):
+            raise ValueError("source weights apply to resampled streams only (data.resampled: true)")
+        if len(self.shards) < self.world_size:
+            raise ValueError(
+                f"{len(self.shards)} shard(s) for {self.world_size} ranks: ranks {len(self.shards)} to "
+                f"{self.world_size - 1} would get no data. Write at least one shard per rank (better, one per "
+                f"data worker of every rank), or set data.resampled: true to draw shards with replacement.")
+
+    def batches_per_rank(self) -> int:
+        """The length of a resampled epoch in batches on each rank."""
+        if self.epoch_samples is None:
+            raise ValueError("only a resampled stream has a set epoch length; otherwise an epoch is one pass")
+        return self.epoch_samples // (self.batch_size * self.world_size)
+
+    def max_workers(self) -> int | None:
+        """The most data workers that all get data: this rank's shard count; None when resampled."""
+        return None if self.resampled else len(self.shards[self.rank :: self.world_size])
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Set the epoch of the next iteration (it seeds shard order, shuffles and augmentation), and
+        make that iteration start at its batch ``skip_batches``: it then yields exactly the batches an
+        unskipped iteration yields from that index on, in the same order, through a DataLoader with
+        any number of workers (the same number in both). Call before iterating: workers copy the
+        dataset then.
+
+        Skipping is cheap: each worker reads the raw samples its skipped batches held and drops them
+        undecoded, ``batch_size`` per batch. So the position is exact only if no sample in the
+        skipped part was skipped as undecodable or incomplete; otherwise each worker resumes one
+        sample early for each such sample of its own. Without resampling, which worker each skipped
+        batch came from depends on when workers run out of shards, read from the ``sizes.json``
+        beside the shards (:func:`count_samples`); where a count is unknown the workers are assumed
+        not to run out before the position.
+        """
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must not be negative, got {skip_batches}")
+        if skip_batches and not self.resampled and count_samples(self.shards) is None:
+            log.warning("resuming at batch %d with unknown shard sizes: exact only if no data worker ran out "
+                        "of shards before it", skip_batches)
         self.epoch = epoch
+        self.skip_batches = skip_batches
 
-    def _my_shards(self, worker_id: int, num_workers: int) -> list[str]:
+    def _worker_shards(self, worker: int, num_workers: int) -> list[str]:
         shards = list(self.shards)
         if self.train:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)
-        return shards[self.rank :: self.world_size][worker_id::num_workers]
+        return shards[self.rank :: self.world_size][worker::num_workers]
+
+    def _resampled_urls(self, worker: int) -> Iterator[str]:
+        """Shards drawn with replacement, endlessly: P(shard) ∝ its source's weight / its source's size."""
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/resample")
+        weights = [source.weight / len(source.shards) for source in self.sources for _ in source.shards]
+        cumulative = list(itertools.accumulate(weights))
+        while True:
+            yield rng.choices(self.shards, cum_weights=cumulative)[0]
+
+    def _resampled_worker_batches(self, worker: int, num_workers: int) -> int:
+        """A resampled worker's share of this rank's batches in an epoch."""
+        per_rank = self.batches_per_rank()
+        return per_rank // num_workers + (worker < per_rank % num_workers)
+
+    def _worker_batch_counts(self, num_workers: int) -> list[float]:
+        """Each worker's batches in a whole epoch, if every sample decodes (``math.inf``: unknown)."""
+        if self.resampled:
+            return [self._resampled_worker_batches(w, num_workers) for w in range(num_workers)]
+        counts: list[float] = []
+        for worker in range(num_workers):
+            samples = count_samples(self._worker_shards(worker, num_workers))
+            if samples is None:
+                counts.append(math.inf)
+            else:
+                counts.append(samples // self.batch_size if self.train else -(-samples // self.batch_size))
+        return counts
+
+    def _resume_position(self, num_workers: int) -> tuple[list[int], int]:
+        """The batches each worker skips, and the worker whose batch comes first (see set_epoch)."""
+        if not self.skip_batches:
+            return [0] * num_workers, 0
+        return loader_position(self._worker_batch_counts(num_workers), self.skip_batches)
+
+    def _raw_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """This worker's undecoded samples in the order it batches them (after the shuffle buffer)."""
+        if self.resampled:
+            samples = read_resampled_shards(self._resampled_urls(worker), patience=100 + 10 * len(self.shards))
+        else:
+            samples = read_shards(self._worker_shards(worker, num_workers))
+        if self.train and self.shuffle_size > 1:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+            samples = shuffle_buffer(samples, self.shuffle_size, rng)
+        return samples
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        shards = self._my_shards(worker_id, num_workers)
-        read_tars = wds.tarfile_to_samples(handler=_log_tar_error)
-        samples: Iterable[dict[str, Any]] = read_tars({"url": url} for url in shards)
-        if self.train and self.shuffle_size > 1:
-            rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker_id}")
-            samples = shuffle_buffer(samples, self.shuffle_size, rng)
-        yield from self._decode_and_batch(samples)
+        slot, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        skip, first = self._resume_position(num_workers)
+        # The DataLoader always starts its round-robin at slot 0: rotate the workers' roles so the
+        # worker whose batch comes next at the resume position sits there.
+        worker = (first + slot) % num_workers
+        samples = itertools.islice(self._raw_samples(worker, num_workers), skip[worker] * self.batch_size, None)
+        batches = self._decode_and_batch(samples)
+        if self.resampled:  # an endless worker stops at its share of the epoch
+            batches = itertools.islice(batches, self._resampled_worker_batches(worker, num_workers) - skip[worker])
+        yield from batches
 
     def _decode_and_batch(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         batch: list[dict[str, Any]] = []
-        skipped = 0
+        skipped_shards: list[str] = []
         for sample in samples:
-            decoded = self.decoder(sample)
+            decoded = self.decoder(sample, f"{self.seed}/{self.epoch}")
             if decoded is None:
-                skipped += 1
+                skipped_shards.append(str(sample.get("__url__")))
                 continue
             batch.append(decoded)
             if len(batch) == self.batch_size:
-                yield _collate(batch, skipped)
-                batch, skipped = [], 0
+                yield _collate(batch, skipped_shards)
+                batch, skipped_shards = [], []
         # Training drops the ragged last batch (a contrastive batch of 3 is a different task);
         # evaluation keeps every sample.
         if batch and not self.train:
-            yield _collate(batch, skipped)
+            yield _collate(batch, skipped_shards)
 
 
-def _collate(items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
-    """Stack tensor fields to (B, ...); other fields (metadata dicts) become lists of length B."""
-    batch = {}
+def _collate(items: list[dict[str, Any]], skipped_shards: list[str]) -> dict[str, Any]:
+    """Stack tensor fields to (B, ...); other fields (metadata dicts) become lists of length B.
+
+    ``num_skipped`` (scalar int64 tensor) and ``skipped_shards`` (list of shard URLs, one per sample)
+    report the samples this worker dropped since its previous batch.
+    """
+    batch: dict[str, Any] = {}
     for key, first in items[0].items():
         values = [item[key] for item in items]
         batch[key] = torch.stack(values) if isinstance(first, torch.Tensor) else values
-    batch["num_skipped"] = torch.tensor(skipped)
+    batch["num_skipped"] = torch.tensor(len(skipped_shards))
+    batch["skipped_shards"] = skipped_shards
     return batch
 
 
@@ -189,11 +401,11 @@ def build_loader(
     stream: ShardStream, num_workers: int, *, pin_memory: bool = False
 ) -> DataLoader:
     """A DataLoader over a :class:`ShardStream`; never more workers than this rank has shards."""
-    shards_per_rank = max(1, len(stream.shards) // stream.world_size)
-    if num_workers > shards_per_rank:
-        log.warning("only %d shard(s) per rank: using %d data workers instead of %d",
-                    shards_per_rank, shards_per_rank, num_workers)
-        num_workers = shards_per_rank
+    limit = stream.max_workers()
+    if limit is not None and num_workers > limit:
+        log.warning("only %d shard(s) for this rank: using %d data workers instead of %d",
+                    limit, limit, num_workers)
+        num_workers = limit
     return DataLoader(
         stream,
         batch_size=None,
@@ -201,3 +413,55 @@ def build_loader(
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
     )
+
+
+def training_stream(
+    data: DataConfig, fields: Sequence[FieldDecoder], *, seed: int, rank: int = 0, world_size: int = 1
+) -> ShardStream:
+    """The training :class:`ShardStream` that ``data`` describes (sources, weights, resampling)."""
+    return ShardStream(
+        shard_sources(data.train_shards, data.train_data_weights),
+        fields,
+        data.batch_size,
+        train=True,
+        resampled=data.resampled,
+        epoch_samples=data.train_num_samples if data.resampled else None,
+        shuffle_size=data.shuffle_buffer,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+class DataQualityError(RuntimeError):
+    """So much of the training data is undecodable or incomplete that training must stop."""
+
+
+class SkipRateGuard:
+    """Stops a run whose data is broken rather than noisy: feed it every batch's sample counts."""
+
+    def __init__(self, max_fraction: float, min_samples: int = 1000) -> None:
+        if not 0 < max_fraction <= 1:
+            raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be at least 1, got {min_samples}")
+        self.max_fraction = max_fraction
+        self.min_samples = min_samples
+        self.delivered = 0
+        self.skipped = 0
+
+    def update(self, delivered: int, skipped: int) -> None:
+        """Add a batch's delivered and skipped sample counts; raise :class:`DataQualityError` once at
+        least ``min_samples`` were read and more than ``max_fraction`` of them were skipped."""
+        self.delivered += delivered
+        self.skipped += skipped
+        seen = self.delivered + self.skipped
+        # Too few samples say nothing: one bad sample among the first ten is not a broken dataset.
+        if seen < self.min_samples or self.skipped / seen <= self.max_fraction:
+            return
+        raise DataQualityError(
+            f"{self.skipped / seen:.1%} of the training samples read so far were skipped as undecodable or "
+            f"incomplete ({self.skipped} of {seen}), above the limit of {self.max_fraction:.1%} "
+            f"(data.max_skip_fraction). The warnings above name each sample and shard; fix or drop those "
+            f"shards, or raise data.max_skip_fraction to train on anyway."
+        )

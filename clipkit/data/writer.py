@@ -8,6 +8,7 @@ import os
 import re
 import tarfile
 from pathlib import Path
+from typing import Iterable, Mapping
 
 _EXTENSION = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
@@ -18,15 +19,24 @@ class ShardWriter:
     Tar headers carry fixed metadata (mtime 0, uid/gid 0), so the same samples always give the same
     bytes. Each shard is written to ``NAME.tar.tmp`` and renamed when complete: a crash never leaves a
     truncated ``.tar`` behind, and an error inside ``with ShardWriter(...)`` discards the open shard. On close, ``sizes.json`` in ``out_dir`` records every shard's sample count.
+
+    Numbering starts at ``first_shard``. Several processes writing shards into one folder pass
+    ``write_sizes=False`` (they would race on ``sizes.json``) and let one process record the counts
+    with :func:`update_sizes_index`.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int) -> None:
+    def __init__(
+        self, out_dir: str | Path, prefix: str, samples_per_shard: int, *, first_shard: int = 0,
+        write_sizes: bool = True,
+    ) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
+        self.first_shard = first_shard
+        self.write_sizes = write_sizes
         self.shard_paths: list[Path] = []
         self.num_samples = 0
         self._sizes: dict[str, int] = {}
@@ -56,7 +66,7 @@ class ShardWriter:
 
     def _open_next_shard(self) -> None:
         self._close_shard()
-        path = self.out_dir / f"{self.prefix}-{len(self.shard_paths):06d}.tar"
+        path = self.out_dir / f"{self.prefix}-{self.first_shard + len(self.shard_paths):06d}.tar"
         self.shard_paths.append(path)
         self._tar = tarfile.open(path.with_name(path.name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
         self._in_shard = 0
@@ -72,12 +82,8 @@ class ShardWriter:
 
     def close(self) -> None:
         self._close_shard()
-        index = self.out_dir / "sizes.json"
-        sizes = json.loads(index.read_text()) if index.is_file() else {}
-        sizes.update(self._sizes)
-        tmp = index.with_name("sizes.json.tmp")
-        tmp.write_text(json.dumps(dict(sorted(sizes.items())), indent=1))
-        os.replace(tmp, index)
+        if self.write_sizes:
+            update_sizes_index(self.out_dir, self._sizes)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -95,3 +101,18 @@ class ShardWriter:
         path = self.shard_paths.pop()
         path.with_name(path.name + ".tmp").unlink(missing_ok=True)
         self._tar = None
+
+
+def update_sizes_index(out_dir: Path, sizes: Mapping[str, int], *, remove: Iterable[str] = ()) -> None:
+    """Merge shard sample counts into ``out_dir/sizes.json``, dropping the shard names in ``remove``.
+
+    The file is replaced atomically, so a reader never sees it half written.
+    """
+    index = Path(out_dir) / "sizes.json"
+    merged = json.loads(index.read_text()) if index.is_file() else {}
+    for name in remove:
+        merged.pop(name, None)
+    merged.update(sizes)
+    tmp = index.with_name("sizes.json.tmp")
+    tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=1))
+    os.replace(tmp, index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -17,12 +18,15 @@ class FieldDecoder:
     the batch key ``name``.
 
     ``extensions`` are tried in order (e.g. ``("jpg", "jpeg", "png", "webp")``); the first one the
-    sample has is decoded. ``decode`` must be picklable: it runs inside data-loader workers.
+    sample has is decoded. ``decode(data, rng)`` must be picklable: it runs inside data-loader workers.
+    It must take every random draw (crop, flip, ...) from ``rng``, which the pipeline seeds per sample,
+    epoch and field, so that a sample's augmentation does not depend on the worker count, the
+    worker it lands on or the process RNG state; decoders without randomness ignore it.
     """
 
     name: str
     extensions: tuple[str, ...]
-    decode: Callable[[bytes], Any]
+    decode: Callable[[bytes, random.Random], Any]
 
 
 class Modality(ABC):

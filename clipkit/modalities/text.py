@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,7 +35,7 @@ class CaptionDecoder:
 
     context_length: int
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
         text = data.decode("utf-8").strip()
         if not text:
             raise ValueError("empty caption")

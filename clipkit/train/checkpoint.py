@@ -1,17 +1,30 @@
-"""Checkpoints that load with ``torch.load(weights_only=True)``: tensors and plain builtins only."""
+"""Checkpoints that load with ``torch.load(weights_only=True)``: tensors and plain builtins only.
+
+A training checkpoint holds everything needed to continue a run exactly: model, optimizer,
+scheduler and grad-scaler states, the step, the data position, the RNG states and the config.
+Files are written to a temporary name and renamed, and the ``latest.json`` pointer is replaced only
+after its checkpoint is complete, so a crash mid-save never leaves a broken "latest".
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import random
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from clipkit import __version__
 from clipkit.config import ExperimentConfig, from_dict
 from clipkit.model import ContrastiveModel
+
+LATEST_POINTER = "latest.json"
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
 def save_checkpoint(path: str | Path, model: ContrastiveModel, config: ExperimentConfig, **state: Any) -> Path:
@@ -56,3 +69,73 @@ def load_model(
     model = ContrastiveModel(dataclasses.replace(config.model, image=image))
     model.load_state_dict(payload["model"])
     return model.to(map_location).eval(), config
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as tensors and builtins (``weights_only``-safe)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Numbered checkpoints ``step-00000100.pt`` in one folder, a ``latest.json`` pointer to the
+    newest complete one, and retention of the newest ``keep_last``."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 2) -> None:
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def save(self, model: ContrastiveModel, config: ExperimentConfig, *, step: int, **state: Any) -> Path:
+        path = save_checkpoint(self.directory / f"step-{step:08d}.pt", model, config, step=step, **state)
+        pointer = self.directory / LATEST_POINTER
+        tmp = pointer.with_name(pointer.name + ".tmp")
+        tmp.write_text(json.dumps({"path": path.name, "step": step}))
+        os.replace(tmp, pointer)
+        self._prune()
+        return path
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest.json`` names, or None when this folder has none."""
+        pointer = self.directory / LATEST_POINTER
+        if not pointer.is_file():
+            return None
+        path = self.directory / json.loads(pointer.read_text())["path"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
+        return path
+
+    def resolve(self, resume: str) -> Path:
+        """``latest`` or a path → the checkpoint file to resume from, with a clear error if there is none."""
+        if resume == "latest":
+            path = self.latest()
+            if path is None:
+                raise FileNotFoundError(f"train.resume=latest but {self.directory} holds no checkpoint yet")
+            return path
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.resume: checkpoint not found: {path}")
+        return path
+
+    def _prune(self) -> None:
+        numbered = sorted(p for p in self.directory.iterdir() if _STEP_FILE.match(p.name))
+        for old in numbered[: -self.keep_last]:
+            old.unlink()

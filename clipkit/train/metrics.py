@@ -13,12 +13,12 @@ from torch.utils.tensorboard import SummaryWriter
 class MetricsLogger:
     """Writes ``{"step": ..., "time": ..., **metrics}`` lines to ``metrics.jsonl`` in ``log_dir``."""
 
-    def __init__(self, log_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, log_dir: str | Path, *, append: bool = False, tensorboard: bool = True) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.log_dir / "metrics.jsonl"
-        # A run starts from scratch (resuming is not supported yet), so it starts a fresh log.
-        self._file = self.path.open("w")
+        # A resumed run continues its log; a fresh run starts a new one.
+        self._file = self.path.open("a" if append else "w")
         self._tensorboard = SummaryWriter(str(self.log_dir / "tensorboard")) if tensorboard else None
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:

@@ -31,14 +31,27 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup from 1/warmup to 1, then cosine decay to 0 at ``total_steps``."""
+def lr_multiplier(
+    schedule: str, *, warmup_steps: int, total_steps: int, cooldown_steps: int = 0
+) -> Callable[[int], float]:
+    """LR multiplier per step: linear warmup from 1/warmup to 1, then the named schedule.
+
+    ``cosine`` decays to 0 at ``total_steps``; ``constant`` stays at 1; ``const-cooldown`` stays at 1
+    and then falls linearly to 0 over the last ``cooldown_steps``.
+    """
+    if schedule not in ("cosine", "constant", "const-cooldown"):
+        raise ValueError(f"unknown schedule {schedule!r}")
+    cooldown_start = total_steps - cooldown_steps
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "const-cooldown" and step >= cooldown_start:
+            return max(0.0, 1.0 - (step - cooldown_start) / max(1, cooldown_steps))
+        return 1.0
 
     return multiplier
 
@@ -46,4 +59,8 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
+    multiplier = lr_multiplier(
+        config.schedule, warmup_steps=config.warmup_steps, total_steps=total_steps,
+        cooldown_steps=config.cooldown_steps,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -1,25 +1,36 @@
-"""The training loop, composed of small parts: model, data stream, optimizer, schedule, metrics, checkpoint."""
+"""The training loop, composed of small parts: process group, model, data stream, loss, optimizer,
+schedule, metrics and checkpoints.
+
+One code path serves one CPU process, one GPU and torchrun jobs over many GPUs and nodes: every
+rank reads its own shards, features are gathered across ranks inside the loss, and DDP averages the
+gradients, so N ranks step exactly like one process on the global batch.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from clipkit.config import ExperimentConfig, save_config
-from clipkit.data.pipeline import ShardStream, build_loader, count_samples, expand_shards
-from clipkit.losses import InfoNCELoss
+from clipkit.data.pipeline import SkipRateGuard, build_loader, count_samples, expand_shards, training_stream
+from clipkit.losses import build_loss
 from clipkit.modalities import get_modality
 from clipkit.model import ContrastiveModel, create_model
-from clipkit.train.checkpoint import save_checkpoint
+from clipkit.train.checkpoint import Checkpointer, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from clipkit.train.distributed import DistributedContext, all_reduce_mean, init_distributed
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler
 
@@ -34,20 +45,20 @@ class TrainResult:
     final_loss: float
     seconds: float
     skipped: int
+    interrupted: bool = False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto`` → bf16 on CUDA, fp32 on the CPU (where bf16 autocast is many times slower)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA by default; fp32 on the CPU, where bf16 autocast is many times slower."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision in dtypes:
+        return torch.autocast(device_type=device.type, dtype=dtypes[precision])
     return contextlib.nullcontext()
 
 
@@ -57,17 +68,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def steps_per_epoch(config: ExperimentConfig, shards: list[str]) -> int:
+def steps_per_epoch(config: ExperimentConfig, shards: list[str], world_size: int) -> int:
+    """Optimizer steps in one pass over the data: samples // (batch × accumulation × ranks)."""
     num_samples = config.data.train_num_samples or count_samples(shards)
     if num_samples is None:
         raise ValueError(
             "cannot tell how many samples the training shards hold: no sizes.json beside them. "
             "Set data.train_num_samples or train.max_steps."
         )
-    steps = num_samples // config.data.batch_size
+    global_batch = config.data.batch_size * config.train.accum_freq * world_size
+    steps = num_samples // global_batch
     if steps == 0:
-        raise ValueError(f"{num_samples} training samples make no full batch of {config.data.batch_size}")
+        raise ValueError(f"{num_samples} training samples make no full global batch of {global_batch}")
     return steps
+
+
+class StopSignal:
+    """Turns SIGTERM / SIGINT (a preempted or cancelled job) into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second Ctrl-C means "now", not "after this step"
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def should_stop(self, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got a signal, so all ranks stop at the same step."""
+        flag = torch.tensor(float(self.received is not None), device=device)
+        return bool(all_reduce_mean(flag).item() > 0)
 
 
 class Trainer:
@@ -76,100 +116,265 @@ class Trainer:
     def __init__(self, config: ExperimentConfig, *, progress: bool = True) -> None:
         if not config.data.train_shards:
             raise ValueError("data.train_shards is empty: point it at webdataset shards")
-        seed_everything(config.train.seed)
         self.config = config
-        self.progress = progress
-        self.device = resolve_device(config.train.device)
+        self.dist: DistributedContext = init_distributed(config.train.device)
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        # Every rank builds identical initial weights (DDP also broadcasts rank 0's).
+        seed_everything(config.train.seed)
         self.model: ContrastiveModel = create_model(config.model).to(self.device)
-        shards = expand_shards(config.data.train_shards)
+        self.model.set_grad_checkpointing(config.train.grad_checkpointing)
+        self.ddp_model: nn.Module = self.model
+        if self.dist.is_distributed:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.precision = resolve_precision(self.device, config.train.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
         fields = [get_modality(name, config.model, config.data.augment).field(train=True)
                   for name in self.model.modalities]
-        self.stream = ShardStream(
-            shards, fields, config.data.batch_size,
-            train=True, shuffle_size=config.data.shuffle_buffer, seed=config.train.seed,
-        )
+        self.stream = training_stream(config.data, fields, seed=config.train.seed, rank=self.dist.rank,
+                                      world_size=self.dist.world_size)
         self.loader = build_loader(self.stream, config.data.num_workers, pin_memory=self.device.type == "cuda")
-        self.steps_per_epoch = steps_per_epoch(config, shards)
+        if config.data.resampled:
+            self.steps_per_epoch = max(1, self.stream.batches_per_rank() // config.train.accum_freq)
+        else:
+            self.steps_per_epoch = steps_per_epoch(config, expand_shards(config.data.train_shards),
+                                                   self.dist.world_size)
+        self.skip_guard = SkipRateGuard(config.data.max_skip_fraction)
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.model, config.train)
         self.scheduler = build_scheduler(self.optimizer, config.train, self.total_steps)
-        self.loss_fn = InfoNCELoss()
+        self.loss_fn = build_loss(config.model.loss, local_loss=config.train.local_loss)
         self.output_dir = Path(config.train.output_dir)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.train.keep_last)
+        # Training position: optimizer steps done, samples consumed, and where in the data we are.
+        self.step = 0
+        self.samples_seen = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self._saved_step: int | None = None
+        if config.train.resume:
+            self.resume(self.checkpointer.resolve(config.train.resume))
 
-    def _batches(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """Batches forever, epoch after epoch, reseeding the shuffles each epoch."""
-        epoch = 0
+    # --- state -------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Everything but the model and config needed to continue exactly (``weights_only``-safe)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "samples_seen": self.samples_seen,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "rng": rng_state(),
+        }
+
+    def resume(self, path: Path) -> None:
+        payload = load_checkpoint(path, map_location=self.device)
+        if "optimizer" not in payload:
+            raise ValueError(f"{path} holds weights only (no optimizer state): it cannot resume a run")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.step = payload["step"]
+        self.samples_seen = payload["samples_seen"]
+        self.epoch = payload["epoch"]
+        self.batches_in_epoch = payload["batches_in_epoch"]
+        set_rng_state(payload["rng"])
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                     self.batches_in_epoch)
+
+    def save(self) -> Path:
+        """A resumable checkpoint of the current step (rank 0 writes; the others wait)."""
+        path = self.checkpointer.directory / f"step-{self.step:08d}.pt"
+        if self._saved_step == self.step:
+            return path  # save_every already saved this step
+        if self.dist.is_main:
+            self.checkpointer.save(self.model, self.config, step=self.step, **self.state())
+        if self.dist.is_distributed:
+            torch.distributed.barrier()
+        self._saved_step = self.step
+        return path
+
+    # --- data --------------------------------------------------------------------------------
+
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches forever, epoch after epoch, starting at the saved data position."""
         while True:
-            self.stream.set_epoch(epoch)
+            resumed_mid_epoch = self.batches_in_epoch > 0
+            self.stream.set_epoch(self.epoch, skip_batches=self.batches_in_epoch)
             empty = True
             for batch in self.loader:
                 empty = False
-                yield epoch, batch
-            if empty:
+                self.batches_in_epoch += 1
+                self.skip_guard.update(len(batch[self.model.modalities[0]]), int(batch["num_skipped"]))
+                yield batch
+            if empty and not resumed_mid_epoch:  # a run resumed at an epoch's very end finds it empty
                 raise RuntimeError(f"the training shards yielded no full batch: {self.config.data.train_shards}")
-            epoch += 1
+            self.epoch += 1
+            self.batches_in_epoch = 0
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step on a batch; returns the loss."""
+    # --- the step ----------------------------------------------------------------------------
+
+    def _loss(self, features: dict[str, torch.Tensor], with_temperature_grad: bool = True) -> torch.Tensor:
         first, second = self.model.modalities[:2]
-        inputs = {name: batch[name].to(self.device, non_blocking=True) for name in (first, second)}
-        with autocast(self.device, self.config.train.precision):
-            features = self.model(inputs)
-            loss = self.loss_fn(features[first].float(), features[second].float(), self.model.logit_scale.exp())
+        scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
+        if not with_temperature_grad:
+            scale = scale.detach()
+            bias = bias.detach() if bias is not None else None
+        return self.loss_fn(features[first].float(), features[second].float(), scale, bias)
+
+    def _forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        inputs = {name: batch[name].to(self.device, non_blocking=True) for name in self.model.modalities}
+        with autocast(self.device, self.precision):
+            return self.ddp_model(inputs)
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """One optimizer step over ``accum_freq`` micro-batches; returns this rank's loss (detached).
+
+        With several micro-batches, features of all of them are computed first without gradients;
+        then each micro-batch is re-encoded with gradients and the loss is taken against the whole
+        accumulated batch (cached features for the others). The gradients summed over micro-batches
+        are exactly those of one batch of accum_freq × batch_size. The temperature enters with
+        gradient only once, or it would be counted accum_freq times: in the last pass, the one in
+        which DDP synchronises gradients.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if len(micro_batches) == 1:
+            loss = self._loss(self._forward(micro_batches[0]))
+            self.scaler.scale(loss).backward()
+        else:
+            with torch.no_grad():
+                cached = [self._forward(batch) for batch in micro_batches]
+            for index, batch in enumerate(micro_batches):
+                last = index == len(micro_batches) - 1
+                sync = contextlib.nullcontext() if last or not self.dist.is_distributed else self.ddp_model.no_sync()
+                with sync:
+                    fresh = self._forward(batch)
+                    features = {
+                        name: torch.cat([fresh[name] if i == index else c[name] for i, c in enumerate(cached)])
+                        for name in fresh
+                    }
+                    loss = self._loss(features, with_temperature_grad=last)
+                    self.scaler.scale(loss).backward()
+        if self.config.train.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(trainable, self.config.train.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.model.clamp_logit_scale_()
-        return loss.item()
+        return loss.detach()
+
+    # --- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
         config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.output_dir / "config.yaml")
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
         self.model.train()
         start = time.perf_counter()
-        samples = skipped = 0
-        window_loss, window_steps, window_samples, window_wait = 0.0, 0, 0, 0.0
-        window_start = start
-        loss = float("nan")
-        batches = self._batches()
-        with MetricsLogger(self.output_dir) as metrics, tqdm(
-            total=self.total_steps, disable=not self.progress, desc="train", unit="step", dynamic_ncols=True
-        ) as bar:
-            for step in range(1, self.total_steps + 1):
+        start_step, start_samples = self.step, self.samples_seen
+        window = _Window(start)
+        loss = torch.tensor(float("nan"))
+        skipped = 0
+        skipped_by_shard: collections.Counter[str] = collections.Counter()
+        micro_batches = self._micro_batches()
+        interrupted = False
+        metrics = MetricsLogger(self.output_dir, append=config.train.resume is not None) if self.dist.is_main else None
+        with contextlib.ExitStack() as stack, StopSignal() as stop:
+            if metrics is not None:
+                stack.enter_context(metrics)
+            bar = stack.enter_context(tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
+                                           desc="train", unit="step", dynamic_ncols=True))
+            while self.step < self.total_steps:
                 wait_start = time.perf_counter()
-                epoch, batch = next(batches)
-                window_wait += time.perf_counter() - wait_start
-                skipped += int(batch["num_skipped"])
-                loss = self.train_step(batch)
-                batch_size = len(batch[self.model.modalities[0]])
-                samples += batch_size
-                window_loss += loss
-                window_steps += 1
-                window_samples += batch_size
+                batches = [next(micro_batches) for _ in range(config.train.accum_freq)]
+                window.data_wait += time.perf_counter() - wait_start
+                loss = self.train_step(batches)
+                batch_samples = sum(len(b[self.model.modalities[0]]) for b in batches)
+                skipped_by_shard.update(url for b in batches for url in b["skipped_shards"])
+                self.step += 1
+                self.samples_seen += batch_samples * self.dist.world_size
+                skipped += sum(int(b["num_skipped"]) for b in batches)
+                window.add(loss, batch_samples)
                 bar.update(1)
-                if step % config.train.log_every == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "epoch": epoch,
-                        "loss": window_loss / window_steps,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "temperature": 1.0 / self.model.logit_scale.exp().item(),
-                        "logit_scale": self.model.logit_scale.exp().item(),
-                        "samples_per_s": window_samples / elapsed,
-                        "data_wait_fraction": window_wait / elapsed,
-                        "samples_seen": samples,
-                        "skipped_samples": skipped,
-                    }
-                    metrics.log(step, record)
+                if self.step % config.train.log_every == 0 or self.step == self.total_steps:
+                    record = window.summary(self, skipped)
+                    if metrics is not None:
+                        metrics.log(self.step, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-                    window_loss, window_steps, window_samples, window_wait = 0.0, 0, 0, 0.0
-                    window_start = time.perf_counter()
+                    window = _Window(time.perf_counter())
+                if config.train.save_every and self.step % config.train.save_every == 0:
+                    self.save()
+                if stop.should_stop(self.device):
+                    interrupted = True
+                    break
         if skipped:
-            log.warning("skipped %d undecodable or incomplete samples (see warnings above)", skipped)
-        checkpoint = save_checkpoint(
-            self.output_dir / "checkpoints" / "final.pt", self.model, config,
-            step=self.total_steps, samples_seen=samples,
-        )
-        return TrainResult(checkpoint, self.total_steps, samples, loss, time.perf_counter() - start, skipped)
+            per_shard = ", ".join(f"{url}: {count}" for url, count in skipped_by_shard.most_common())
+            log.warning("rank %d skipped %d undecodable or incomplete samples (%s); see the warnings above",
+                        self.dist.rank, skipped, per_shard)
+        checkpoint = self.save()
+        if not interrupted:
+            checkpoint = self._save_final()
+        elif self.dist.is_main:
+            log.warning("stopped by signal at step %d of %d; continue with --resume latest", self.step,
+                        self.total_steps)
+        final_loss = float(all_reduce_mean(loss.to(self.device)).item())
+        return TrainResult(checkpoint, self.step - start_step, self.samples_seen - start_samples,
+                           final_loss, time.perf_counter() - start, skipped, interrupted)
+
+    def _save_final(self) -> Path:
+        """The trained model alone (weights + config) as ``checkpoints/final.pt``, for evaluation and serving."""
+        path = self.checkpointer.directory / "final.pt"
+        if self.dist.is_main:
+            save_checkpoint(path, self.model, self.config, step=self.step, samples_seen=self.samples_seen)
+        if self.dist.is_distributed:
+            torch.distributed.barrier()
+        return path
+
+
+class _Window:
+    """Sums over the steps between two log lines."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.data_wait = 0.0
+        self.loss_sum = torch.zeros(())
+        self.steps = 0
+        self.samples = 0
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum = self.loss_sum + loss.float().cpu()
+        self.steps += 1
+        self.samples += samples
+
+    def summary(self, trainer: Trainer, skipped_total: int) -> dict[str, Any]:
+        """The window's metrics, averaged (loss) or summed (samples, skips) over all ranks."""
+        elapsed = time.perf_counter() - self.start
+        world = trainer.dist.world_size
+        device = trainer.device
+        totals = all_reduce_mean(torch.tensor([self.loss_sum.item() / self.steps, float(skipped_total)],
+                                              device=device, dtype=torch.float64))
+        model = trainer.model
+        record = {
+            "epoch": trainer.epoch,
+            "loss": totals[0].item(),
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "temperature": 1.0 / model.logit_scale.exp().item(),
+            "logit_scale": model.logit_scale.exp().item(),
+            "samples_per_s": self.samples * world / elapsed,
+            "samples_per_s_per_device": self.samples / elapsed,
+            "data_wait_fraction": self.data_wait / elapsed,
+            "samples_seen": trainer.samples_seen,
+            "skipped_samples": round(totals[1].item() * world),
+        }
+        if model.logit_bias is not None:
+            record["logit_bias"] = model.logit_bias.item()
+        return record

@@ -1,0 +1,389 @@
+"""Raw image–caption data (a folder with sidecar captions, a CSV/TSV or a JSONL file) → webdataset shards.
+
+The output is img2dataset's layout, written by :class:`~clipkit.data.writer.ShardWriter`:
+``PREFIX-NNNNNN.tar`` holding ``KEY.jpg|png|webp`` (the original image bytes), ``KEY.txt`` (the
+caption) and ``KEY.json`` (key, caption, source path and any extra metadata), with ``sizes.json``
+beside them. KEY is the sample's index in the sorted input, so a skipped sample leaves a gap.
+
+Input sample ``i`` always goes to chunk ``i // samples_per_shard``, and each chunk becomes one shard
+written by one worker process, so the shards are byte-identical whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import re
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Collection
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from clipkit.data.writer import ShardWriter, update_sizes_index
+
+log = logging.getLogger(__name__)
+
+FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# The member extension follows what the bytes are, not the file name, so decoders never guess wrong;
+# these are the formats clipkit's image modality reads.
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+
+class MakeShardsError(Exception):
+    """An input that cannot be converted at all: unreadable, of an unknown kind, or a wrong column name."""
+
+
+class SkipSample(Exception):
+    """One sample that cannot be converted; ``reason`` is the category it is counted under."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class SourceSample:
+    """One input pair before it is read: where its image is and where its caption comes from."""
+
+    image: Path | None  # None: the row names no image
+    source: str  # the image path as the input gives it, for KEY.json and the logs
+    caption: str | None = None  # a CSV/JSONL caption (None: the row has none)
+    caption_file: Path | None = None  # a folder's sidecar x.txt, read instead of ``caption``
+    metadata: dict[str, Any] = field(default_factory=dict)  # extra CSV/JSONL columns
+    metadata_file: Path | None = None  # a folder's optional sidecar x.json
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """Input samples ``first_index ...`` that become shard ``shard_index``."""
+
+    out_dir: Path
+    prefix: str
+    shard_index: int
+    first_index: int
+    samples: list[SourceSample]
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What a worker reports back: its shard's sample count and the samples it skipped."""
+
+    shard_index: int
+    num_samples: int
+    skipped: list[tuple[str, str, str]]  # (source, reason, detail)
+
+
+@dataclass(frozen=True)
+class MakeShardsResult:
+    """The shards written (in order), how many input samples there were and why some were skipped."""
+
+    out_dir: Path
+    prefix: str
+    shards: list[Path]
+    num_inputs: int
+    num_samples: int
+    skipped: Counter[str]
+
+    def shard_pattern(self) -> str:
+        """A brace pattern naming every shard, e.g. ``out/train-{000000..000009}.tar``."""
+        if len(self.shards) == 1:
+            return str(self.shards[0])
+        return str(self.out_dir / f"{self.prefix}-{{{0:06d}..{len(self.shards) - 1:06d}}}.tar")
+
+    def summary(self) -> str:
+        """The lines ``clipkit make-shards`` prints when it is done."""
+        lines = [f"wrote {self.num_samples} samples in {len(self.shards)} shard(s) to {self.out_dir} "
+                 f"(counts in sizes.json)"]
+        if self.shards:
+            lines.append(f"shards: {self.shard_pattern()}")
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
+        lines.append(f"skipped {sum(self.skipped.values())} of {self.num_inputs} input samples"
+                     + (f": {reasons}" if reasons else ""))
+        return "\n".join(lines)
+
+
+def list_samples(input_path: Path, image_col: str = "image", caption_col: str = "caption") -> list[SourceSample]:
+    """The input's samples in a fixed order: a folder (sorted, recursive), a .csv/.tsv or a .jsonl file."""
+    if input_path.is_dir():
+        return _list_folder(input_path)
+    if not input_path.exists():
+        raise MakeShardsError(f"input {input_path} does not exist")
+    suffix = input_path.suffix.lower()
+    required = {"--image-col": image_col, "--caption-col": caption_col}
+    if suffix in TABLE_DELIMITERS:
+        rows = _read_table(input_path, TABLE_DELIMITERS[suffix], required)
+    elif suffix == ".jsonl":
+        rows = _read_jsonl(input_path, required)
+    else:
+        raise MakeShardsError(f"input {input_path} is neither a folder nor a .csv, .tsv or .jsonl file")
+    return [_row_sample(row, f"{input_path} row {number}", input_path.parent, image_col, caption_col)
+            for number, row in enumerate(rows, start=1)]
+
+
+def _list_folder(root: Path) -> list[SourceSample]:
+    images = sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    samples = []
+    for image in images:
+        metadata_file = image.with_suffix(".json")
+        samples.append(SourceSample(
+            image=image, source=str(image), caption_file=image.with_suffix(".txt"),
+            metadata_file=metadata_file if metadata_file.is_file() else None,
+        ))
+    return samples
+
+
+def _read_table(path: Path, delimiter: str, required: dict[str, str]) -> list[dict[str, Any]]:
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would glue onto the
+    # first column's name.
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            rows = list(reader)
+            columns = reader.fieldnames
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise MakeShardsError(f"cannot read {path}: {err}") from err
+    if not columns:
+        raise MakeShardsError(f"{path} has no header row")
+    _check_columns(path, required, columns)
+    return rows
+
+
+def _read_jsonl(path: Path, required: dict[str, str]) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MakeShardsError(f"cannot read {path}: {err}") from err
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MakeShardsError(f"{path} line {number} is not JSON: {err}") from err
+        if not isinstance(row, dict):
+            raise MakeShardsError(f"{path} line {number} is not a JSON object")
+        rows.append(row)
+    # A key missing from some rows skips those samples; missing from every row, it is a wrong name.
+    _check_columns(path, required, {key for row in rows for key in row})
+    return rows
+
+
+def _check_columns(path: Path, required: dict[str, str], columns: Collection[str]) -> None:
+    """``required`` maps the option that names a column to the name it gave."""
+    for option, name in required.items():
+        if name not in columns:
+            raise MakeShardsError(f"{option} {name!r} is not a column of {path} "
+                                  f"(columns: {', '.join(sorted(map(str, columns))) or 'none'})")
+
+
+def _row_sample(row: dict[str, Any], where: str, base: Path, image_col: str, caption_col: str) -> SourceSample:
+    """A CSV/JSONL row as a sample; ``where`` names the row in logs when it has no image path."""
+    image = row.get(image_col)
+    caption = row.get(caption_col)
+    metadata = {k: v for k, v in row.items() if k not in (image_col, caption_col)}
+    caption = None if caption is None else str(caption)
+    if not image:
+        return SourceSample(None, where, caption, metadata=metadata)
+    # Relative paths are relative to the table's folder, not to wherever the command runs.
+    return SourceSample(base / str(image), str(image), caption, metadata=metadata)
+
+
+def read_sample(sample: SourceSample) -> tuple[str, bytes, str, dict[str, Any]]:
+    """(image extension, original image bytes, caption, extra metadata); raises :class:`SkipSample`."""
+    caption = _read_caption(sample)  # before the image: it is far cheaper to reject
+    extra = {**sample.metadata, **_read_metadata_file(sample)}
+    ext, image = _read_image(sample)
+    return ext, image, caption, extra
+
+
+def _read_image(sample: SourceSample) -> tuple[str, bytes]:
+    if sample.image is None:
+        raise SkipSample("missing image", "no image path in the row")
+    try:
+        data = sample.image.read_bytes()
+    except FileNotFoundError as err:
+        raise SkipSample("missing image", f"no {sample.image}") from err
+    except OSError as err:
+        raise SkipSample("unreadable image", str(err)) from err
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # a full decode: truncated files pass open() and verify() alike
+            image_format = img.format
+    except UnidentifiedImageError as err:  # its message names a BytesIO object, not the file
+        raise SkipSample("undecodable image", "not an image format Pillow knows") from err
+    except Exception as err:  # Pillow raises many types for bad bytes; any of them means skip
+        raise SkipSample("undecodable image", f"{type(err).__name__}: {err}") from err
+    if image_format not in FORMAT_EXTENSIONS:
+        raise SkipSample("unsupported image format", str(image_format))
+    return FORMAT_EXTENSIONS[image_format], data
+
+
+def _read_caption(sample: SourceSample) -> str:
+    caption = sample.caption
+    if sample.caption_file is not None:
+        try:
+            caption = sample.caption_file.read_bytes().decode("utf-8")
+        except FileNotFoundError as err:
+            raise SkipSample("missing caption", f"no {sample.caption_file}") from err
+        except UnicodeDecodeError as err:
+            raise SkipSample("caption not UTF-8", f"{sample.caption_file}: {err}") from err
+    if caption is None:
+        raise SkipSample("missing caption")
+    if not caption.strip():
+        raise SkipSample("empty caption")
+    return caption.strip()
+
+
+def _read_metadata_file(sample: SourceSample) -> dict[str, Any]:
+    if sample.metadata_file is None:
+        return {}
+    try:
+        metadata = json.loads(sample.metadata_file.read_bytes())
+    except (OSError, ValueError) as err:
+        raise SkipSample("bad metadata json", f"{sample.metadata_file}: {err}") from err
+    if not isinstance(metadata, dict):
+        raise SkipSample("bad metadata json", f"{sample.metadata_file}: not a JSON object")
+    return metadata
+
+
+def convert_chunk(task: ChunkTask, report: Callable[[int], None]) -> ChunkResult:
+    """Write the readable samples of one chunk as shard ``task.shard_index``; ``report(1)`` per sample."""
+    skipped = []
+    writer = ShardWriter(task.out_dir, task.prefix, len(task.samples),
+                         first_shard=task.shard_index, write_sizes=False)
+    with writer:
+        for offset, sample in enumerate(task.samples):
+            key = f"{task.first_index + offset:09d}"
+            try:
+                ext, image, caption, extra = read_sample(sample)
+            except SkipSample as skip:
+                skipped.append((sample.source, skip.reason, skip.detail))
+            else:
+                meta = {"key": key, "caption": caption, "source": sample.source}
+                meta.update((k, v) for k, v in extra.items() if k not in meta)
+                writer.write(key, {ext: image, "txt": caption.encode(), "json": json.dumps(meta).encode()})
+            report(1)
+    return ChunkResult(task.shard_index, writer.num_samples, skipped)
+
+
+_progress_queue: multiprocessing.Queue | None = None
+
+
+def _init_worker(progress_queue: multiprocessing.Queue) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+
+
+def _convert_in_worker(task: ChunkTask) -> ChunkResult:
+    assert _progress_queue is not None
+    return convert_chunk(task, _progress_queue.put)
+
+
+def make_shards(
+    input_path: str | Path,
+    out_dir: str | Path,
+    *,
+    prefix: str = "train",
+    samples_per_shard: int = 10_000,
+    workers: int = 1,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    progress: bool = True,
+) -> MakeShardsResult:
+    """Convert ``input_path`` into shards in ``out_dir``; bad samples are skipped, logged and counted.
+
+    Shards of ``prefix`` left in ``out_dir`` by an earlier run are replaced, so the folder holds one
+    consistent set. Raises :class:`MakeShardsError` for an input that cannot be read at all.
+    """
+    if samples_per_shard < 1 or workers < 1:
+        raise MakeShardsError(f"--samples-per-shard and --workers must be at least 1, "
+                              f"got {samples_per_shard} and {workers}")
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    samples = list_samples(input_path, image_col, caption_col)
+    if not samples:
+        raise MakeShardsError(f"input {input_path} holds no samples")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = _remove_shards(out_dir, prefix)
+    tasks = [ChunkTask(out_dir, prefix, i, start, samples[start : start + samples_per_shard])
+             for i, start in enumerate(range(0, len(samples), samples_per_shard))]
+    results = _run_chunks(tasks, workers, len(samples), progress)
+    shards, sizes = _number_shards(out_dir, prefix, results)
+    update_sizes_index(out_dir, sizes, remove=stale)
+    skipped = Counter(reason for result in results for _, reason, _ in result.skipped)
+    return MakeShardsResult(out_dir, prefix, shards, len(samples), sum(sizes.values()), skipped)
+
+
+def _shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def _remove_shards(out_dir: Path, prefix: str) -> list[str]:
+    """Delete ``PREFIX-NNNNNN.tar`` (and unfinished ``.tmp``) files; returns the names removed."""
+    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?")
+    removed = []
+    for path in sorted(out_dir.iterdir()):
+        if pattern.fullmatch(path.name):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def _run_chunks(tasks: list[ChunkTask], workers: int, total: int, progress: bool) -> list[ChunkResult]:
+    """Convert every chunk in a pool of ``workers`` processes, logging skipped samples as chunks finish."""
+    results = []
+    progress_queue: multiprocessing.Queue = multiprocessing.Queue()
+    bar = tqdm(total=total, unit="sample", desc="make-shards", disable=not progress)
+    with logging_redirect_tqdm(), bar, ProcessPoolExecutor(
+        min(workers, len(tasks)), initializer=_init_worker, initargs=(progress_queue,)
+    ) as pool:
+        pending: set[Future[ChunkResult]] = {pool.submit(_convert_in_worker, task) for task in tasks}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in done:
+                result = future.result()
+                for source, reason, detail in result.skipped:
+                    log.warning("skipped %s: %s%s", source, reason, f" ({detail})" if detail else "")
+                results.append(result)
+            _drain(progress_queue, bar)
+        pool.shutdown()  # workers flush their last progress reports as they exit
+        _drain(progress_queue, bar)
+    return sorted(results, key=lambda r: r.shard_index)
+
+
+def _drain(progress_queue: multiprocessing.Queue, bar: tqdm) -> None:
+    while True:
+        try:
+            bar.update(progress_queue.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _number_shards(out_dir: Path, prefix: str, results: list[ChunkResult]) -> tuple[list[Path], dict[str, int]]:
+    """Renumber shards past a chunk whose samples were all skipped, so the names stay contiguous.
+
+    Returns the shard paths in order and their sample counts.
+    """
+    shards, sizes = [], {}
+    for result in (r for r in results if r.num_samples):
+        path = out_dir / _shard_name(prefix, len(shards))
+        if result.shard_index != len(shards):
+            os.replace(out_dir / _shard_name(prefix, result.shard_index), path)
+        shards.append(path)
+        sizes[path.name] = result.num_samples
+    return shards, sizes

@@ -1,0 +1,48 @@
+"""Run by the distributed tests under torchrun: one real trainer step on this rank's slice of a batch.
+
+    torchrun --nproc_per_node=N tests/distributed_step.py CONFIG.yaml BATCH.pt OUT.pt
+
+Each rank takes its contiguous slice of the saved global batch, splits it into ``train.accum_freq``
+micro-batches and runs ``Trainer.train_step``. Rank 0 saves the rank-averaged loss and the
+parameter gradients (after DDP's averaging) to OUT.pt for comparison with a single process.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import sys
+
+import torch
+
+from clipkit.config import load_config
+from clipkit.train.distributed import all_reduce_mean, shutdown_distributed
+from clipkit.train.trainer import Trainer
+
+
+def slice_batch(batch: dict[str, torch.Tensor], parts: int, index: int) -> dict[str, torch.Tensor]:
+    size = len(next(iter(batch.values()))) // parts
+    return {name: value[index * size : (index + 1) * size] for name, value in batch.items()}
+
+
+def run_step(trainer: Trainer, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    """One train_step on ``batch`` split into accum_freq micro-batches → (loss averaged over ranks, grads)."""
+    accum = trainer.config.train.accum_freq
+    loss = trainer.train_step([slice_batch(batch, accum, i) for i in range(accum)])
+    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return all_reduce_mean(loss).item(), grads
+
+
+def main(config_path: str, batch_path: str, out_path: str) -> None:
+    # A collective that never completes would hang the test: dump every thread's stack and exit instead.
+    faulthandler.dump_traceback_later(120, exit=True)
+    trainer = Trainer(load_config(config_path), progress=False)
+    batch = torch.load(batch_path, weights_only=True)
+    local = slice_batch(batch, trainer.dist.world_size, trainer.dist.rank)
+    loss, grads = run_step(trainer, local)
+    if trainer.dist.is_main:
+        torch.save({"loss": loss, "grads": grads}, out_path)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,134 @@
+"""Exactness of data-parallel training: real torchrun processes with gloo on the CPU.
+
+Two ranks, each holding half of a batch, must produce the same loss and the same parameter gradients
+as one process holding the whole batch, for InfoNCE (global and local loss), SigLIP (ring exchange)
+and gradient accumulation. The towers use LayerNorm (a ViT): BatchNorm statistics depend on how a
+batch is split, so no BatchNorm model can be split-invariant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from clipkit.config import ExperimentConfig
+from tests.conftest import tiny_model_config
+from tests.distributed_step import run_step
+
+REPO = Path(__file__).resolve().parent.parent
+GLOBAL_BATCH = 8
+
+
+def exact_config(toy, tmp_path: Path, **train: object) -> ExperimentConfig:
+    model = tiny_model_config()
+    model.image.timm_name = "test_vit"
+    model.image.timm_kwargs = {"img_size": 32, "patch_size": 8}
+    config = ExperimentConfig(model=model)
+    config.data.train_shards = toy.shard_pattern("train")
+    config.data.batch_size = GLOBAL_BATCH // 2
+    config.data.num_workers = 0
+    config.train.device = "cpu"
+    config.train.output_dir = str(tmp_path / "run")
+    for key, value in train.items():
+        if hasattr(config.model, key):
+            setattr(config.model, key, value)
+        else:
+            setattr(config.train, key, value)
+    return config
+
+
+def fixed_batch(config: ExperimentConfig) -> dict[str, torch.Tensor]:
+    from clipkit.modalities.text import tokenize
+
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (GLOBAL_BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    captions = [f"a {size} {colour} circle" for size in ("small", "large") for colour in ("red", "green", "blue", "grey")]
+    return {"image": images, "text": tokenize(captions, config.model.text.context_length)}
+
+
+def torchrun(nproc: int, *args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def single_process_step(config: ExperimentConfig, batch: dict[str, torch.Tensor]):
+    from clipkit.train.trainer import Trainer
+
+    return run_step(Trainer(config, progress=False), batch)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss": "infonce"},
+        {"loss": "infonce", "local_loss": True},
+        {"loss": "siglip"},
+        {"loss": "infonce", "accum_freq": 2},
+        {"loss": "siglip", "accum_freq": 2},
+    ],
+    ids=["infonce", "infonce-local", "siglip", "infonce-accum2", "siglip-accum2"],
+)
+def test_two_ranks_equal_one_process(toy_shards, tmp_path, options):
+    config = exact_config(toy_shards, tmp_path, **options)
+    batch = fixed_batch(config)
+    config_path, batch_path, out_path = tmp_path / "c.yaml", tmp_path / "batch.pt", tmp_path / "out.pt"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    torch.save(batch, batch_path)
+
+    done = torchrun(2, "tests/distributed_step.py", str(config_path), str(batch_path), str(out_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    distributed = torch.load(out_path, weights_only=True)
+
+    # The single-process reference never accumulates: one step on the whole batch.
+    reference_config = exact_config(toy_shards, tmp_path, **{**options, "accum_freq": 1, "local_loss": False})
+    loss, grads = single_process_step(reference_config, batch)
+    assert distributed["loss"] == pytest.approx(loss, abs=1e-5)
+    assert set(distributed["grads"]) == set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(distributed["grads"][name], grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+    assert grads["logit_scale"].abs() > 0
+
+
+@pytest.mark.parametrize("loss_name", ["infonce", "siglip"])
+def test_accumulation_equals_one_large_batch(toy_shards, tmp_path, loss_name):
+    batch = fixed_batch(exact_config(toy_shards, tmp_path))
+    whole_loss, whole = single_process_step(exact_config(toy_shards, tmp_path, loss=loss_name), batch)
+    accum_loss, accumulated = single_process_step(
+        exact_config(toy_shards, tmp_path, loss=loss_name, accum_freq=4), batch
+    )
+    # The returned loss is the last micro-batch pass's: the loss of the whole accumulated batch.
+    assert accum_loss == pytest.approx(whole_loss, abs=1e-6)
+    for name, grad in whole.items():
+        torch.testing.assert_close(accumulated[name], grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_torchrun_training_end_to_end(toy_shards, tmp_path):
+    """`torchrun -m clipkit.train`: both ranks train, rank 0 alone logs and checkpoints."""
+    config = exact_config(toy_shards, tmp_path)
+    config.data.batch_size = 8
+    config.train.max_steps = 4
+    config.train.log_every = 2
+    config.train.save_every = 2
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    done = torchrun(2, "-m", "clipkit.train", "--config", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 4 steps") == 1  # printed by rank 0 only
+    run = Path(config.train.output_dir)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert records[-1]["samples_seen"] == 4 * 8 * 2
+    assert records[-1]["samples_per_s"] == pytest.approx(2 * records[-1]["samples_per_s_per_device"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "final.pt", "latest.json", "step-00000002.pt", "step-00000004.pt"]
