@@ -1,4 +1,4 @@
-"""The ``clipkit`` command: make-toy, train, quickstart."""
+"""The ``clipkit`` command: make-toy, make-shards, train, quickstart."""
 
 from __future__ import annotations
 
@@ -142,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"clipkit: config error: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError as err:  # a missing checkpoint, resume target or shard: the message says which
+        print(f"clipkit: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

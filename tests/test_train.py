@@ -128,6 +128,11 @@ def test_python_m_clipkit_train_cli(tiny_config, toy_shards, tmp_path):
     assert bad.returncode == 2
     assert "unknown key 'train.lrr'" in bad.stderr and "did you mean 'train.lr'" in bad.stderr
 
+    missing = subprocess.run([*command, "--resume", str(tmp_path / "nope.pt")], capture_output=True, text=True,
+                             timeout=120, cwd=REPO)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().endswith(f"train.resume: checkpoint not found: {tmp_path / 'nope.pt'}")
+
 
 def test_resume_continues_exactly(tiny_config, toy_shards, tmp_path):
     """2·n steps straight == n steps, a checkpoint, a new process state, n more steps (mid-epoch)."""
