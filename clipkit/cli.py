@@ -1,4 +1,4 @@
-"""The ``clipkit`` command: make-toy, make-shards, train, quickstart."""
+"""The ``clipkit`` command: make-toy, make-shards, train, eval, quickstart."""
 
 from __future__ import annotations
 
@@ -63,6 +63,23 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
     print(result.summary())
 
 
+def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
+    from clipkit.eval.benchmark import evaluate_zeroshot, write_report
+
+    try:
+        report = evaluate_zeroshot(
+            args.checkpoint, args.shards, classnames_file=args.classnames, templates_file=args.templates,
+            modality=args.modality, batch_size=args.batch_size, num_workers=args.num_workers,
+        )
+    except ValueError as err:  # class names that do not match the labels, empty files, ...
+        print(f"clipkit: eval zeroshot: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    print(report.table())
+    if args.output:
+        write_report(report, args.output)
+        print(f"results: {args.output}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from clipkit.train.distributed import shutdown_distributed
     from clipkit.train.trainer import Trainer
@@ -122,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="latest|PATH",
                        help="continue from the newest checkpoint in train.output_dir, or from a checkpoint file")
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
+    zeroshot = evaluate.add_parser("zeroshot", help="zero-shot classification on labelled webdataset shards")
+    zeroshot.add_argument("--checkpoint", required=True, help="a clipkit checkpoint (final.pt or step-N.pt)")
+    zeroshot.add_argument("--shards", required=True, help="brace pattern of shards with a cls member per sample")
+    zeroshot.add_argument("--classnames", help="one class name per line (default: classnames.txt beside the shards)")
+    zeroshot.add_argument("--templates", help="one template with {} per line "
+                          "(default: zeroshot_classification_templates.txt beside the shards)")
+    zeroshot.add_argument("--modality", default="image", help="the modality of the samples")
+    zeroshot.add_argument("--batch-size", type=int, default=256)
+    zeroshot.add_argument("--num-workers", type=int, default=0)
+    zeroshot.add_argument("--output", help="write the results as JSON here")
+    zeroshot.set_defaults(func=cmd_eval_zeroshot)
 
     quick = sub.add_parser("quickstart", help="offline end-to-end demo on toy data (CPU, minutes)")
     _add_config_args(quick, default=QUICKSTART_CONFIG)

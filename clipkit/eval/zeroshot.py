@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from clipkit.eval.metrics import classification_metrics
 from clipkit.model import ContrastiveModel
 
 
@@ -31,6 +32,7 @@ def build_zeroshot_classifier(
 class ZeroShotResult:
     top1: float
     top5: float
+    mean_per_class_recall: float
     num_samples: int
     num_classes: int
 
@@ -40,15 +42,13 @@ class ZeroShotResult:
 
 
 def zeroshot_accuracy(features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> ZeroShotResult:
-    """Top-1/top-5 accuracy of unit-norm features (N, D) with true labels (N,) under classifier (D, C)."""
-    if len(features) == 0:
-        raise ValueError("zero-shot evaluation got no samples")
-    k = min(5, classifier.shape[1])
-    topk = (features.to(classifier) @ classifier).topk(k, dim=-1).indices
-    hits = topk == labels.to(topk.device)[:, None]
+    """Top-1/top-5 accuracy and mean per-class recall of unit-norm features (N, D) with true labels
+    (N,) under classifier (D, C); with fewer than 5 classes top-5 counts every class."""
+    metrics = classification_metrics(features.to(classifier) @ classifier, labels, ks=(1, 5))
     return ZeroShotResult(
-        top1=hits[:, 0].float().mean().item(),
-        top5=hits.any(dim=-1).float().mean().item(),
-        num_samples=len(labels),
-        num_classes=classifier.shape[1],
+        top1=metrics.topk[1],
+        top5=metrics.topk[5],
+        mean_per_class_recall=metrics.mean_per_class_recall,
+        num_samples=metrics.num_samples,
+        num_classes=metrics.num_classes,
     )
