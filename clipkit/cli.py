@@ -24,8 +24,8 @@ def resolve_config_path(path: str) -> Path:
     return bundled if bundled.is_file() else given
 
 
-def _load(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(resolve_config_path(args.config), args.set)
+def _load(args: argparse.Namespace, extra_overrides: Sequence[str] = ()) -> ExperimentConfig:
+    return load_config(resolve_config_path(args.config), [*args.set, *extra_overrides])
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -84,8 +84,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from clipkit.train.distributed import shutdown_distributed
     from clipkit.train.trainer import Trainer
 
-    overrides = [*args.set, f"train.resume={args.resume}"] if args.resume else args.set
-    config = load_config(resolve_config_path(args.config), overrides)
+    config = _load(args, [f"train.resume={args.resume}"] if args.resume else [])
     try:
         trainer = Trainer(config)
         result = trainer.fit()

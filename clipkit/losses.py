@@ -9,17 +9,10 @@ whole batch.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clipkit.train.distributed import gather_with_grad, ring_shift
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from clipkit.train.distributed import gather_with_grad, rank_and_world, ring_shift
 
 
 class InfoNCELoss(nn.Module):
@@ -45,7 +38,7 @@ class InfoNCELoss(nn.Module):
         """features (B, D) each, logit_scale the multiplier (not its log) → scalar loss."""
         if logit_bias is not None:
             raise ValueError("InfoNCE has no logit bias; it belongs to the SigLIP loss")
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         all_a, all_b = gather_with_grad(features_a), gather_with_grad(features_b)
         if self.local_loss and world > 1:
             labels = torch.arange(len(features_a), device=features_a.device) + rank * len(features_a)
@@ -75,7 +68,7 @@ class SigLIPLoss(nn.Module):
         """features (B, D) each, logit_scale the multiplier, logit_bias a scalar → scalar loss."""
         if logit_bias is None:
             raise ValueError("the SigLIP loss needs a logit bias (model.loss: siglip creates one)")
-        _, world = _rank_and_world()
+        _, world = rank_and_world()
         loss = self._pair_loss(features_a, features_b, logit_scale, logit_bias, matching=True)
         others = features_b
         for _ in range(world - 1):

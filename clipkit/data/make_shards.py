@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from clipkit.data.writer import ShardWriter, update_sizes_index
+from clipkit.data.writer import ShardWriter, shard_name, shard_pattern, update_sizes_index
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,7 @@ class MakeShardsResult:
 
     def shard_pattern(self) -> str:
         """A brace pattern naming every shard, e.g. ``out/train-{000000..000009}.tar``."""
-        if len(self.shards) == 1:
-            return str(self.shards[0])
-        return str(self.out_dir / f"{self.prefix}-{{{0:06d}..{len(self.shards) - 1:06d}}}.tar")
+        return shard_pattern(self.out_dir, self.prefix, len(self.shards))
 
     def summary(self) -> str:
         """The lines ``clipkit make-shards`` prints when it is done."""
@@ -329,10 +327,6 @@ def make_shards(
     return MakeShardsResult(out_dir, prefix, shards, len(samples), sum(sizes.values()), skipped)
 
 
-def _shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}-{index:06d}.tar"
-
-
 def _remove_shards(out_dir: Path, prefix: str) -> list[str]:
     """Delete ``PREFIX-NNNNNN.tar`` (and unfinished ``.tmp``) files; returns the names removed."""
     pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?")
@@ -381,9 +375,9 @@ def _number_shards(out_dir: Path, prefix: str, results: list[ChunkResult]) -> tu
     """
     shards, sizes = [], {}
     for result in (r for r in results if r.num_samples):
-        path = out_dir / _shard_name(prefix, len(shards))
+        path = out_dir / shard_name(prefix, len(shards))
         if result.shard_index != len(shards):
-            os.replace(out_dir / _shard_name(prefix, result.shard_index), path)
+            os.replace(out_dir / shard_name(prefix, result.shard_index), path)
         shards.append(path)
         sizes[path.name] = result.num_samples
     return shards, sizes

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipkit.data.writer import ShardWriter
+from clipkit.data.writer import ShardWriter, shard_name, shard_pattern
 
 GENERATOR_VERSION = 1
 
@@ -247,11 +247,7 @@ class ToyDataset:
     def shard_pattern(self, split: str) -> str:
         """A brace pattern naming every shard of ``split``, e.g. ``/x/train-{000000..000009}.tar``."""
         shards = {"train": self.train_shards, "eval": self.eval_shards}[split]
-        if not shards:
-            raise ValueError(f"the toy dataset in {self.root} has no {split} shards")
-        if len(shards) == 1:
-            return str(shards[0])
-        return str(self.root / f"{split}-{{{0:06d}..{len(shards) - 1:06d}}}.tar")
+        return shard_pattern(self.root, split, len(shards))
 
 
 def make_toy_image_text(
@@ -269,7 +265,7 @@ def make_toy_image_text(
               "image_size": image_size, "seed": seed, "samples_per_shard": samples_per_shard}
 
     def shards(split: str, count: int) -> list[Path]:
-        return [out_dir / f"{split}-{i:06d}.tar" for i in range(math.ceil(count / samples_per_shard))]
+        return [out_dir / shard_name(split, i) for i in range(math.ceil(count / samples_per_shard))]
 
     dataset = ToyDataset(out_dir, shards("train", num_train), shards("eval", num_eval),
                          class_names(), list(ZEROSHOT_TEMPLATES))

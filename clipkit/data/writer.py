@@ -13,6 +13,20 @@ from typing import Iterable, Mapping
 _EXTENSION = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
+def shard_name(prefix: str, index: int) -> str:
+    """The file name of shard ``index``: ``PREFIX-NNNNNN.tar``."""
+    return f"{prefix}-{index:06d}.tar"
+
+
+def shard_pattern(out_dir: Path, prefix: str, count: int) -> str:
+    """A brace pattern naming shards 0 .. count-1 of ``prefix``, e.g. ``out/train-{000000..000009}.tar``."""
+    if count < 1:
+        raise ValueError(f"no {prefix} shards in {out_dir}")
+    if count == 1:
+        return str(out_dir / shard_name(prefix, 0))
+    return str(out_dir / f"{prefix}-{{{0:06d}..{count - 1:06d}}}.tar")
+
+
 class ShardWriter:
     """Writes samples (``KEY.EXT`` members) into ``PREFIX-000000.tar``, ``PREFIX-000001.tar``, ...
 
@@ -66,7 +80,7 @@ class ShardWriter:
 
     def _open_next_shard(self) -> None:
         self._close_shard()
-        path = self.out_dir / f"{self.prefix}-{self.first_shard + len(self.shard_paths):06d}.tar"
+        path = self.out_dir / shard_name(self.prefix, self.first_shard + len(self.shard_paths))
         self.shard_paths.append(path)
         self._tar = tarfile.open(path.with_name(path.name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
         self._in_shard = 0

@@ -104,8 +104,12 @@ class Checkpointer:
         self.directory = Path(directory)
         self.keep_last = keep_last
 
+    def path(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is written."""
+        return self.directory / f"step-{step:08d}.pt"
+
     def save(self, model: ContrastiveModel, config: ExperimentConfig, *, step: int, **state: Any) -> Path:
-        path = save_checkpoint(self.directory / f"step-{step:08d}.pt", model, config, step=step, **state)
+        path = save_checkpoint(self.path(step), model, config, step=step, **state)
         pointer = self.directory / LATEST_POINTER
         tmp = pointer.with_name(pointer.name + ".tmp")
         tmp.write_text(json.dumps({"path": path.name, "step": step}))

@@ -64,13 +64,20 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of ranks) in the current job; (0, 1) without a process group."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """(B, ...) per rank → (world_size · B, ...) in rank order, with gradients flowing back to their rank.
 
     Backward sums the gradient every rank computed for a slice and hands it to the rank that produced
     the slice; with DDP's gradient averaging this makes N ranks equal one process on the whole batch.
     """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if rank_and_world()[1] == 1:
         return tensor
     return torch.cat(dist_fn.all_gather(tensor), dim=0)
 
@@ -89,7 +96,7 @@ class _RingShift(torch.autograd.Function):
 
 
 def _exchange(tensor: torch.Tensor, step: int) -> torch.Tensor:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = rank_and_world()
     received = torch.empty_like(tensor)
     ops = [
         dist.P2POp(dist.isend, tensor.contiguous(), (rank + step) % world),
@@ -107,8 +114,9 @@ def ring_shift(tensor: torch.Tensor, step: int = 1) -> torch.Tensor:
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (no gradient); the tensor itself in a single process."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    world = rank_and_world()[1]
+    if world == 1:
         return value
     value = value.detach().clone()
     dist.all_reduce(value)
-    return value / dist.get_world_size()
+    return value / world

@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -104,9 +104,14 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def should_stop(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank got a signal, so all ranks stop at the same step."""
-        flag = torch.tensor(float(self.received is not None), device=device)
+    def should_stop(self, dist_context: DistributedContext) -> bool:
+        """True on every rank as soon as any rank got a signal, so all ranks stop at the same step.
+
+        Only a multi-rank job needs the (per-step) all-reduce; one process just reads its flag.
+        """
+        if not dist_context.is_distributed:
+            return self.received is not None
+        flag = torch.tensor(float(self.received is not None), device=dist_context.device)
         return bool(all_reduce_mean(flag).item() > 0)
 
 
@@ -190,15 +195,18 @@ class Trainer:
 
     def save(self) -> Path:
         """A resumable checkpoint of the current step (rank 0 writes; the others wait)."""
-        path = self.checkpointer.directory / f"step-{self.step:08d}.pt"
-        if self._saved_step == self.step:
-            return path  # save_every already saved this step
+        if self._saved_step != self.step:  # else save_every already saved this step
+            self._write_on_main(lambda: self.checkpointer.save(self.model, self.config, step=self.step,
+                                                               **self.state()))
+            self._saved_step = self.step
+        return self.checkpointer.path(self.step)
+
+    def _write_on_main(self, write: Callable[[], object]) -> None:
+        """Rank 0 writes; every rank waits until it has, so no rank reads or exits ahead of the file."""
         if self.dist.is_main:
-            self.checkpointer.save(self.model, self.config, step=self.step, **self.state())
+            write()
         if self.dist.is_distributed:
             torch.distributed.barrier()
-        self._saved_step = self.step
-        return path
 
     # --- data --------------------------------------------------------------------------------
 
@@ -313,7 +321,7 @@ class Trainer:
                     window = _Window(time.perf_counter())
                 if config.train.save_every and self.step % config.train.save_every == 0:
                     self.save()
-                if stop.should_stop(self.device):
+                if stop.should_stop(self.dist):
                     interrupted = True
                     break
         if skipped:
@@ -333,10 +341,8 @@ class Trainer:
     def _save_final(self) -> Path:
         """The trained model alone (weights + config) as ``checkpoints/final.pt``, for evaluation and serving."""
         path = self.checkpointer.directory / "final.pt"
-        if self.dist.is_main:
-            save_checkpoint(path, self.model, self.config, step=self.step, samples_seen=self.samples_seen)
-        if self.dist.is_distributed:
-            torch.distributed.barrier()
+        self._write_on_main(lambda: save_checkpoint(path, self.model, self.config, step=self.step,
+                                                    samples_seen=self.samples_seen))
         return path
 
 
@@ -346,12 +352,13 @@ class _Window:
     def __init__(self, start: float) -> None:
         self.start = start
         self.data_wait = 0.0
-        self.loss_sum = torch.zeros(())
+        # Summed on the loss's device and read once per window: a per-step .cpu() would stall the GPU.
+        self.loss_sum: torch.Tensor | float = 0.0
         self.steps = 0
         self.samples = 0
 
     def add(self, loss: torch.Tensor, samples: int) -> None:
-        self.loss_sum = self.loss_sum + loss.float().cpu()
+        self.loss_sum = self.loss_sum + loss.float()
         self.steps += 1
         self.samples += samples
 
@@ -360,7 +367,7 @@ class _Window:
         elapsed = time.perf_counter() - self.start
         world = trainer.dist.world_size
         device = trainer.device
-        totals = all_reduce_mean(torch.tensor([self.loss_sum.item() / self.steps, float(skipped_total)],
+        totals = all_reduce_mean(torch.tensor([float(self.loss_sum) / self.steps, float(skipped_total)],
                                               device=device, dtype=torch.float64))
         model = trainer.model
         record = {
