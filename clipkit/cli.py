@@ -1,4 +1,4 @@
-"""The ``clipkit`` command: make-toy, make-shards, train, eval, quickstart."""
+"""The ``clipkit`` command: make-toy, make-shards, train, eval, export-open-clip, quickstart."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from clipkit.pretrained import PretrainedWeightsError
 from clipkit.config import ConfigError, ExperimentConfig, load_config
+from clipkit.eval.datasets import CLASSNAMES_FILE, TEMPLATES_FILE
+from clipkit.eval.templates import BUILTIN_TEMPLATES
 
 DEFAULT_CACHE = Path(os.environ.get("CLIPKIT_CACHE", Path.home() / ".cache" / "clipkit"))
 QUICKSTART_CONFIG = "configs/toy-image-text.yaml"
@@ -63,21 +66,49 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
     print(result.summary())
 
 
-def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
-    from clipkit.eval.benchmark import evaluate_zeroshot, write_report
+def _encoder(args: argparse.Namespace):
+    from clipkit.eval.encoders import load_encoder
 
-    try:
-        report = evaluate_zeroshot(
-            args.checkpoint, args.shards, classnames_file=args.classnames, templates_file=args.templates,
-            modality=args.modality, batch_size=args.batch_size, num_workers=args.num_workers,
-        )
-    except ValueError as err:  # class names that do not match the labels, empty files, ...
-        print(f"clipkit: eval zeroshot: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    return load_encoder(args.model, args.pretrained, device=args.device, allow_download=args.allow_download)
+
+
+def _print_report(report, output: str | None) -> None:
     print(report.table())
-    if args.output:
-        write_report(report, args.output)
-        print(f"results: {args.output}")
+    if output:
+        print(f"results: {report.write(output)}")
+
+
+def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
+    from clipkit.eval.benchmark import evaluate_zeroshot
+    from clipkit.eval.classifier_cache import ClassifierCache
+
+    report = evaluate_zeroshot(
+        _encoder(args), args.dataset, modality=args.modality, classnames_file=args.classnames,
+        templates=args.templates, batch_size=args.batch_size, num_workers=args.num_workers,
+        cache=None if args.no_cache else ClassifierCache(DEFAULT_CACHE / "zeroshot-classifiers"),
+        confusion_png=args.confusion_matrix, path_col=args.path_col, label_col=args.label_col,
+        progress=not args.no_progress,
+    )
+    _print_report(report, args.output)
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> None:
+    from clipkit.eval.benchmark import evaluate_retrieval
+
+    report = evaluate_retrieval(
+        _encoder(args), args.dataset, modality=args.modality, batch_size=args.batch_size,
+        num_workers=args.num_workers, path_col=args.path_col, caption_col=args.caption_col,
+        progress=not args.no_progress,
+    )
+    _print_report(report, args.output)
+
+
+def cmd_export_open_clip(args: argparse.Namespace) -> None:
+    from clipkit.interop.openclip_export import export_to_open_clip
+
+    folder = export_to_open_clip(args.checkpoint, args.out)
+    print(f"open_clip model folder: {folder}")
+    print(f"load it with open_clip.create_model_and_transforms('local-dir:{folder}')")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -106,6 +137,31 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     )
     if result.zeroshot.top1 < 0.5:
         print(f"warning: zero-shot top-1 {result.zeroshot.top1:.1%} is below the expected 50%", file=sys.stderr)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="a clipkit checkpoint, open_clip:ARCH (e.g. open_clip:ViT-B-32) or "
+                             "open_clip:local-dir:FOLDER")
+    parser.add_argument("--pretrained", help="open_clip weights: a local file or a zoo tag already in the "
+                        "Hugging Face cache")
+    parser.add_argument("--allow-download", action="store_true", help="let open_clip fetch a zoo tag's weights")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+
+
+def _add_eval_io_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modality", default="image", help="the modality of the samples")
+    parser.add_argument("--path-col", help="CSV column with the file path (default: path / filepath / image)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,18 +195,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the newest checkpoint in train.output_dir, or from a checkpoint file")
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
-    zeroshot = evaluate.add_parser("zeroshot", help="zero-shot classification on labelled webdataset shards")
-    zeroshot.add_argument("--checkpoint", required=True, help="a clipkit checkpoint (final.pt or step-N.pt)")
-    zeroshot.add_argument("--shards", required=True, help="brace pattern of shards with a cls member per sample")
-    zeroshot.add_argument("--classnames", help="one class name per line (default: classnames.txt beside the shards)")
-    zeroshot.add_argument("--templates", help="one template with {} per line "
-                          "(default: zeroshot_classification_templates.txt beside the shards)")
-    zeroshot.add_argument("--modality", default="image", help="the modality of the samples")
-    zeroshot.add_argument("--batch-size", type=int, default=256)
-    zeroshot.add_argument("--num-workers", type=int, default=0)
-    zeroshot.add_argument("--output", help="write the results as JSON here")
+    evaluate = sub.add_parser("eval", help="evaluate a clipkit or open_clip model").add_subparsers(
+        dest="task", required=True)
+    zeroshot = evaluate.add_parser("zeroshot", help="zero-shot classification")
+    _add_model_args(zeroshot)
+    zeroshot.add_argument("--dataset", required=True,
+                          help="shards with a cls member per sample (brace pattern or folder of .tar), "
+                               "a folder with one sub-folder per class, or a CSV of path,label")
+    zeroshot.add_argument("--classnames", help="one class name per line, in class-index order "
+                          f"(default: {CLASSNAMES_FILE} beside shards, folder names, or the CSV's labels)")
+    zeroshot.add_argument("--templates", help=f"a file with one {{}} template per line or a built-in set "
+                          f"({', '.join(BUILTIN_TEMPLATES)}); default: {TEMPLATES_FILE} beside the "
+                          "dataset, else the modality's built-in set")
+    zeroshot.add_argument("--label-col", help="CSV column with the label (default: label / class / cls)")
+    zeroshot.add_argument("--confusion-matrix", metavar="PNG", help="also draw the confusion matrix here")
+    zeroshot.add_argument("--no-cache", action="store_true",
+                          help="rebuild the text classifier even if this model, class names and templates "
+                               "were seen before")
+    _add_eval_io_args(zeroshot)
     zeroshot.set_defaults(func=cmd_eval_zeroshot)
+
+    retrieval = evaluate.add_parser("retrieval", help="image-text (or audio-text, ...) retrieval recall@k")
+    _add_model_args(retrieval)
+    retrieval.add_argument("--dataset", required=True,
+                           help="shards whose txt member holds a caption or a JSON list of captions, or a "
+                                "CSV of path,caption (a path on several rows has several captions)")
+    retrieval.add_argument("--caption-col", help="CSV column with the caption (default: caption / text)")
+    _add_eval_io_args(retrieval)
+    retrieval.set_defaults(func=cmd_eval_retrieval)
+
+    export = sub.add_parser("export-open-clip", help="write a clipkit checkpoint as an open_clip model folder")
+    export.add_argument("checkpoint", help="a clipkit checkpoint (final.pt or step-N.pt)")
+    export.add_argument("out", help="output folder (open_clip_config.json + open_clip_model.safetensors)")
+    export.set_defaults(func=cmd_export_open_clip)
 
     quick = sub.add_parser("quickstart", help="offline end-to-end demo on toy data (CPU, minutes)")
     _add_config_args(quick, default=QUICKSTART_CONFIG)
@@ -165,15 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked is noise here
+    for handler in logging.getLogger().handlers:  # open_clip logs its routine steps at INFO on the root logger
+        handler.addFilter(lambda record: record.levelno > logging.INFO or "open_clip" not in record.pathname)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except ConfigError as err:
         print(f"clipkit: config error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:  # a missing checkpoint, resume target or shard: the message says which
+    except (FileNotFoundError, PretrainedWeightsError) as err:  # the message names the missing file
         print(f"clipkit: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # bad input: class names that do not match the labels, a wrong CSV column, ...
+        print(f"clipkit: {args.command}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

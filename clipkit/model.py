@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.config import ModelConfig
-from clipkit.modalities import get_modality
+from clipkit.modalities import FieldDecoder, get_modality
 from clipkit.modalities.text import tokenize
 
 
@@ -19,8 +19,11 @@ class ContrastiveModel(nn.Module):
 
     ``logit_scale`` holds log(1 / temperature); it starts at log(``config.initial_logit_scale``) and
     is clamped to log(max_logit_scale) after every optimizer step (see :meth:`clamp_logit_scale_`).
-    ``logit_bias`` is SigLIP's learnable bias (None for InfoNCE).
+    ``logit_bias`` is SigLIP's learnable bias (None for InfoNCE). ``name`` identifies the model in
+    evaluation reports and index manifests (the checkpoint path once loaded from one).
     """
+
+    name: str = "clipkit"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -67,6 +70,10 @@ class ContrastiveModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, context_length) token ids → (B, embed_dim)."""
         return self.encode("text", tokens, normalize)
+
+    def eval_decoder(self, modality: str) -> FieldDecoder:
+        """How evaluation and search decode one raw sample (file bytes) of ``modality`` for :meth:`encode`."""
+        return get_modality(modality, self.config).field(train=False)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Strings → (N, context_length) token ids for :meth:`encode_text`, on the model's device."""

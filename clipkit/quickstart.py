@@ -12,7 +12,6 @@ from clipkit.data.pipeline import CLASS_LABEL_FIELD, METADATA_FIELD
 from clipkit.data.toy import make_toy_image_text
 from clipkit.eval.embed import embed_shards
 from clipkit.eval.zeroshot import ZeroShotResult, build_zeroshot_classifier, zeroshot_accuracy
-from clipkit.modalities import get_modality
 from clipkit.train.trainer import Trainer
 from retrieval import Hit, RetrievalIndex
 
@@ -62,7 +61,7 @@ def run_quickstart(
 
     model = trainer.model.eval()
     features, fields = embed_shards(
-        model, get_modality("image", config.model), [str(p) for p in toy.eval_shards],
+        model, "image", [str(p) for p in toy.eval_shards],
         batch_size=data.batch_size, extra_fields=[CLASS_LABEL_FIELD, METADATA_FIELD],
     )
     classifier = build_zeroshot_classifier(model, toy.classnames, toy.templates)

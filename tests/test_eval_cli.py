@@ -1,20 +1,29 @@
-"""`clipkit eval zeroshot` on real toy shards with a real checkpoint."""
+"""`clipkit eval zeroshot` / `eval retrieval` on real toy shards, a class-folder tree and CSVs, with a
+real checkpoint."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from clipkit.config import ExperimentConfig
 from clipkit.data.pipeline import CLASS_LABEL_FIELD
-from clipkit.eval.benchmark import evaluate_zeroshot
-from clipkit.eval.embed import embed_shards
+from clipkit.eval.benchmark import evaluate_retrieval, evaluate_zeroshot
+from clipkit.eval.classifier_cache import ClassifierCache
+from clipkit.eval.embed import embed_shards, embed_texts
+from clipkit.eval.encoders import load_encoder
+from clipkit.eval.metrics import image_text_retrieval
 from clipkit.eval.zeroshot import build_zeroshot_classifier, zeroshot_accuracy
-from clipkit.modalities import get_modality
 from clipkit.model import create_model
 from clipkit.train.checkpoint import save_checkpoint
 from tests.conftest import tiny_model_config
@@ -22,45 +31,175 @@ from tests.conftest import tiny_model_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def checkpoint(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = ExperimentConfig(model=tiny_model_config())
-    return save_checkpoint(tmp_path / "model.pt", create_model(config.model).eval(), config)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", create_model(config.model).eval(), config)
 
 
-def test_report_matches_the_library_calls(toy_shards, checkpoint):
-    report = evaluate_zeroshot(checkpoint, toy_shards.shard_pattern("eval"))
-    assert (report.num_samples, report.num_classes, report.num_templates) == (96, 24, 5)
-    from clipkit.train.checkpoint import load_model
+def shard_members(shards) -> list[dict[str, bytes]]:
+    """Every sample of the toy shards as {extension: bytes}, in shard order."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.rsplit(".", 1)
+                samples.setdefault(f"{shard}/{key}", {})[ext] = tar.extractfile(member).read()
+    return list(samples.values())
 
-    model, config = load_model(checkpoint)
-    features, fields = embed_shards(model, get_modality("image", config.model),
-                                    [str(p) for p in toy_shards.eval_shards], extra_fields=[CLASS_LABEL_FIELD])
+
+@pytest.fixture(scope="module")
+def folder_dataset(toy_shards, tmp_path_factory) -> Path:
+    """The toy held-out split as an ImageFolder tree (sub-folder = class name with underscores) plus a
+    CSV of path,label over the same files, and one corrupt JPEG in each."""
+    root = tmp_path_factory.mktemp("folder")
+    rows = []
+    for i, sample in enumerate(shard_members(toy_shards.eval_shards)):
+        name = toy_shards.classnames[int(sample["cls"])]
+        relative = Path("images") / name.replace(" ", "_") / f"{i:05d}.jpg"
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(sample["jpg"])
+        rows.append({"filepath": str(relative), "label": name})
+    (root / "images" / "red_circle" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    rows.append({"filepath": "images/red_circle/broken.jpg", "label": "red circle"})
+    with (root / "labels.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["filepath", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_zeroshot_report_matches_the_library_calls(toy_shards, checkpoint, tmp_path):
+    encoder = load_encoder(str(checkpoint))
+    report = evaluate_zeroshot(encoder, toy_shards.shard_pattern("eval"), cache=ClassifierCache(tmp_path))
+    assert (report.num_samples, report.details["classes"], report.details["templates"]) == (96, 24, 5)
+    assert report.model == str(checkpoint) and report.num_skipped == 0
+    features, fields = embed_shards(encoder, "image", [str(p) for p in toy_shards.eval_shards],
+                                    extra_fields=[CLASS_LABEL_FIELD])
     expected = zeroshot_accuracy(features, fields["label"],
-                                 build_zeroshot_classifier(model, toy_shards.classnames, toy_shards.templates))
+                                 build_zeroshot_classifier(encoder, toy_shards.classnames, toy_shards.templates))
     assert report.metrics["acc1"] == pytest.approx(expected.top1)
     assert report.metrics["acc5"] == pytest.approx(expected.top5)
     assert report.metrics["mean_per_class_recall"] == pytest.approx(expected.mean_per_class_recall)
     assert list(report.metrics["per_class_recall"]) == toy_shards.classnames
 
 
-def test_cli_prints_a_table_and_writes_json(toy_shards, checkpoint, tmp_path):
+def test_folder_and_csv_datasets_give_the_shard_figures(toy_shards, checkpoint, folder_dataset, tmp_path):
+    encoder = load_encoder(str(checkpoint))
+    from_shards = evaluate_zeroshot(encoder, toy_shards.shard_pattern("eval"), templates="photo")
+    from_folder = evaluate_zeroshot(encoder, str(folder_dataset / "images"), templates="photo",
+                                    confusion_png=tmp_path / "cm.png")
+    from_csv = evaluate_zeroshot(encoder, str(folder_dataset / "labels.csv"), templates="photo",
+                                 classnames_file=toy_shards.root / "classnames.txt")
+    for report in (from_folder, from_csv):
+        assert (report.num_samples, report.num_skipped) == (96, 1)  # the corrupt JPEG is counted
+        for name in ("acc1", "acc5", "mean_per_class_recall"):
+            assert report.metrics[name] == pytest.approx(from_shards.metrics[name])
+    # Folder class names are the sorted folder names, so per-class recall is keyed differently but equal.
+    assert sorted(from_folder.metrics["per_class_recall"].values()) == \
+        pytest.approx(sorted(from_shards.metrics["per_class_recall"].values()))
+    with Image.open(tmp_path / "cm.png") as png:
+        assert png.width > 24 * 4 and png.height > 24 * 4
+
+
+def test_classifier_cache_reuses_and_separates(checkpoint, tmp_path):
+    encoder = load_encoder(str(checkpoint))
+    cache = ClassifierCache(tmp_path)
+    names, templates = ["red circle", "blue square"], ["a {}.", "a photo of a {}."]
+    first = build_zeroshot_classifier(encoder, names, templates, cache=cache)
+    assert first.shape == (32, 2) and len(list(tmp_path.glob("*.pt"))) == 1
+    again = build_zeroshot_classifier(encoder, names, templates, cache=cache)
+    assert len(list(tmp_path.glob("*.pt"))) == 1 and again.equal(first)
+    build_zeroshot_classifier(encoder, names, templates[:1], cache=cache)
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)  # other weights must not reuse the classifier
+    build_zeroshot_classifier(encoder, names, templates, cache=cache)
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def write_retrieval_csv(root: Path, toy_shards) -> Path:
+    """Images with two or three captions each: extra rows for some, a JSON list cell for others."""
+    rows = []
+    for i, sample in enumerate(shard_members(toy_shards.eval_shards)[:40]):
+        path = Path("img") / f"{i:03d}.jpg"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(sample["jpg"])
+        caption = sample["txt"].decode()
+        name = toy_shards.classnames[int(sample["cls"])]
+        if i % 2:
+            rows += [{"path": str(path), "caption": caption}, {"path": str(path), "caption": f"a {name}"}]
+        else:
+            rows.append({"path": str(path), "caption": json.dumps([caption, f"the {name}", f"one {name}"])})
+    out = root / "captions.csv"
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["path", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_retrieval_counts_several_captions_per_image(toy_shards, checkpoint, tmp_path):
+    encoder = load_encoder(str(checkpoint))
+    report = evaluate_retrieval(encoder, str(write_retrieval_csv(tmp_path, toy_shards)))
+    assert report.num_samples == 40 and report.details["texts"] == 20 * 3 + 20 * 2
+    assert set(report.metrics) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    # The same numbers straight from the metric on independently computed embeddings.
+    decoder = encoder.eval_decoder("image")
+    pixels = torch.stack([decoder.decode((tmp_path / "img" / f"{i:03d}.jpg").read_bytes(), None) for i in range(40)])
+    with open(tmp_path / "captions.csv") as f:
+        captions: dict[str, list[str]] = {}
+        for row in csv.DictReader(f):
+            cell = row["caption"]
+            captions.setdefault(row["path"], []).extend(json.loads(cell) if cell.startswith("[") else [cell])
+    texts = [t for item in captions.values() for t in item]
+    owner = torch.tensor([i for i, item in enumerate(captions.values()) for _ in item])
+    with torch.no_grad():
+        expected = image_text_retrieval(encoder.encode("image", pixels), embed_texts(encoder, texts), owner)
+    assert report.metrics == pytest.approx(expected)
+
+
+def write_caption_list_shard(path: Path, toy_shards) -> None:
+    """A webdataset shard whose txt members hold JSON lists of captions."""
+    with tarfile.open(path, "w") as tar:
+        for i, sample in enumerate(shard_members(toy_shards.eval_shards)[:30]):
+            name = toy_shards.classnames[int(sample["cls"])]
+            for ext, data in (("jpg", sample["jpg"]), ("txt", json.dumps([sample["txt"].decode(), name]).encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_cli_zeroshot_and_retrieval(toy_shards, checkpoint, folder_dataset, tmp_path):
     out = tmp_path / "results" / "zeroshot.json"
-    command = [sys.executable, "-m", "clipkit", "eval", "zeroshot", "--checkpoint", str(checkpoint),
-               "--shards", toy_shards.shard_pattern("eval"), "--output", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    base = [sys.executable, "-m", "clipkit", "eval"]
+    model = ["--model", str(checkpoint), "--no-progress"]
+    command = [*base, "zeroshot", *model, "--dataset", str(folder_dataset / "images"), "--output", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "CLIPKIT_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr
-    assert "zero-shot classification of 96 image samples, 24 classes x 5 templates" in done.stdout
-    assert "acc1" in done.stdout and "chance" in done.stdout
+    assert len(list((tmp_path / "cache" / "zeroshot-classifiers").glob("*.pt"))) == 1
+    assert "zeroshot_classification of 96 image samples (classes 24, templates 16; 1 skipped)" in done.stdout
+    assert "acc1" in done.stdout and "mean_per_class_recall" in done.stdout
     result = json.loads(out.read_text())
     assert result["task"] == "zeroshot_classification" and result["num_samples"] == 96
     assert set(result["metrics"]) == {"acc1", "acc5", "mean_per_class_recall", "per_class_recall"}
 
+    write_caption_list_shard(tmp_path / "captions-000000.tar", toy_shards)
+    retrieval = subprocess.run([*base, "retrieval", *model, "--dataset", str(tmp_path / "captions-000000.tar"),
+                                "--output", str(tmp_path / "retrieval.json")],
+                               capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert retrieval.returncode == 0, retrieval.stderr
+    assert "zeroshot_retrieval of 30 image samples (texts 60; 0 skipped)" in retrieval.stdout
+    assert json.loads((tmp_path / "retrieval.json").read_text())["metrics"]["text_retrieval_recall@10"] > 0
+
     too_few = tmp_path / "three.txt"
     too_few.write_text("red circle\nred square\nred star\n")
-    bad = subprocess.run([*command[:-2], "--classnames", str(too_few)], capture_output=True, text=True,
-                         timeout=300, cwd=REPO)
-    assert bad.returncode == 2 and "labels must lie in [0, 3)" in bad.stderr
-    missing = subprocess.run([*command[:-2], "--templates", str(tmp_path / "none.txt")], capture_output=True,
+    shards = [*base, "zeroshot", *model, "--no-cache", "--dataset", toy_shards.shard_pattern("eval")]
+    bad = subprocess.run([*shards, "--classnames", str(too_few)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert bad.returncode == 2 and "only 3 class names" in bad.stderr
+    missing = subprocess.run([*shards, "--templates", str(tmp_path / "none.txt")], capture_output=True,
                              text=True, timeout=300, cwd=REPO)
-    assert missing.returncode == 1 and "prompt templates file not found" in missing.stderr
+    assert missing.returncode == 1 and "neither a file nor a built-in set" in missing.stderr
+    wrong_column = subprocess.run([*base, "zeroshot", *model, "--no-cache", "--dataset", str(folder_dataset / "labels.csv"),
+                                   "--label-col", "klass"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert wrong_column.returncode == 2 and "has no klass column" in wrong_column.stderr

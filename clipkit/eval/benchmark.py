@@ -1,102 +1,153 @@
-"""``clipkit eval zeroshot``: a checkpoint, labelled webdataset shards → metrics as JSON and a table.
+"""``clipkit eval zeroshot`` and ``clipkit eval retrieval``: a model and a dataset → a report.
 
-The dataset layout is CLIP_benchmark's webdataset one: each sample has its input (``jpg``, ...) and a
-``cls`` class index, with ``classnames.txt`` (one name per line, in class-index order) and
-``zeroshot_classification_templates.txt`` (one template with ``{}`` per line) beside the shards.
+Reports carry CLIP_benchmark's result fields (``dataset``, ``model``, ``task``, ``metrics``) and metric
+names, plus the sample count, skipped samples and the time taken; they print as a small table.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clipkit.data.pipeline import CLASS_LABEL_FIELD, expand_shards
-from clipkit.eval.embed import embed_shards
-from clipkit.eval.metrics import classification_metrics
+import torch
+
+from clipkit.eval.classifier_cache import ClassifierCache
+from clipkit.eval.confusion import confusion_matrix, save_confusion_png
+from clipkit.eval.datasets import (
+    CLASSNAMES_FILE,
+    TEMPLATES_FILE,
+    classification_data,
+    dataset_folder,
+    read_lines,
+    retrieval_batches,
+)
+from clipkit.eval.embed import embed_batches, embed_texts
+from clipkit.eval.encoders import Encoder
+from clipkit.eval.metrics import classification_metrics, image_text_retrieval
+from clipkit.eval.templates import resolve_templates
 from clipkit.eval.zeroshot import build_zeroshot_classifier
-from clipkit.modalities import get_modality
-from clipkit.train.checkpoint import load_model
 
-CLASSNAMES_FILE = "classnames.txt"
-TEMPLATES_FILE = "zeroshot_classification_templates.txt"
-
-
-def read_lines(path: Path, what: str) -> list[str]:
-    """Non-empty lines of a text file, with an error naming the file and what it should hold."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"{path} holds no {what}")
-    return lines
+RETRIEVAL_KS = (1, 5, 10)
 
 
 @dataclass(frozen=True)
-class ZeroShotReport:
-    """What ``clipkit eval zeroshot`` writes: CLIP_benchmark's result fields and metric names."""
+class EvalReport:
+    """One evaluation's result: what ``--output`` writes as JSON and the CLI prints as a table."""
 
+    task: str
     model: str
     dataset: str
     modality: str
     metrics: dict[str, Any]
     num_samples: int
-    num_classes: int
-    num_templates: int
+    num_skipped: int
     seconds: float
+    details: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return {"task": "zeroshot_classification", **self.__dict__}
+        return asdict(self)
 
     def table(self) -> str:
-        """The headline metrics as a small aligned table."""
-        rows = [("acc1", self.metrics["acc1"]), ("acc5", self.metrics["acc5"]),
-                ("mean_per_class_recall", self.metrics["mean_per_class_recall"]),
-                ("chance", 1 / self.num_classes)]
-        header = (f"zero-shot classification of {self.num_samples} {self.modality} samples, "
-                  f"{self.num_classes} classes x {self.num_templates} templates ({self.seconds:.0f} s)")
-        return "\n".join([header, *(f"  {name:<24}{value:>7.1%}" for name, value in rows)])
+        """A one-line summary, then the scalar metrics (and chance, for classification) as a table."""
+        counts = ", ".join(f"{k} {v}" for k, v in self.details.items() if isinstance(v, int))
+        header = (f"{self.task} of {self.num_samples} {self.modality} samples ({counts}; "
+                  f"{self.num_skipped} skipped) in {self.seconds:.1f} s")
+        values = {**self.metrics, **self.details}
+        rows = [f"  {name:<28}{value:>7.1%}" for name, value in values.items() if isinstance(value, float)]
+        files = [f"  {name}: {value}" for name, value in self.details.items() if isinstance(value, str)]
+        return "\n".join([header, *rows, *files])
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2))
+        return path
 
 
 def evaluate_zeroshot(
-    checkpoint: str | Path,
-    shards: str,
+    encoder: Encoder,
+    dataset: str,
     *,
-    classnames_file: str | Path | None = None,
-    templates_file: str | Path | None = None,
     modality: str = "image",
+    classnames_file: str | Path | None = None,
+    templates: str | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
-) -> ZeroShotReport:
-    """Zero-shot classification of every sample of ``shards`` with a clipkit checkpoint.
+    cache: ClassifierCache | None = None,
+    confusion_png: str | Path | None = None,
+    path_col: str | None = None,
+    label_col: str | None = None,
+    progress: bool = False,
+) -> EvalReport:
+    """Zero-shot classification of every sample of ``dataset`` (shards, class folders or a CSV).
 
-    Class names and templates default to the CLIP_benchmark files beside the first shard.
+    Class names come from ``classnames_file`` or the dataset (see
+    :func:`~clipkit.eval.datasets.classification_data`); templates from ``templates`` (a file or a
+    built-in set), else ``zeroshot_classification_templates.txt`` beside the data, else the modality's
+    built-in set.
     """
     start = time.perf_counter()
-    urls = expand_shards(shards)
-    folder = Path(urls[0]).parent
-    classnames = read_lines(Path(classnames_file or folder / CLASSNAMES_FILE), "class names")
-    templates = read_lines(Path(templates_file or folder / TEMPLATES_FILE), "prompt templates")
-    model, config = load_model(checkpoint)
-    features, fields = embed_shards(
-        model, get_modality(modality, config.model), urls, batch_size=batch_size,
-        extra_fields=[CLASS_LABEL_FIELD], num_workers=num_workers,
-    )
-    classifier = build_zeroshot_classifier(model, classnames, templates)
-    result = classification_metrics(features @ classifier, fields["label"], ks=(1, 5))
+    folder = dataset_folder(dataset)
+    classnames = read_lines(Path(classnames_file), "class names") if classnames_file else None
+    data = classification_data(dataset, encoder.eval_decoder(modality), classnames=classnames,
+                               batch_size=batch_size, num_workers=num_workers, path_col=path_col,
+                               label_col=label_col)
+    template_list = resolve_templates(templates, modality, folder / TEMPLATES_FILE)
+    embedded = embed_batches(encoder, modality, data.batches, keep=["label"], progress=progress)
+    labels = embedded.fields["label"]
+    num_classes = len(data.classnames)
+    if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+        raise ValueError(f"labels run from {int(labels.min())} to {int(labels.max())} but there are only "
+                         f"{num_classes} class names (from {classnames_file or folder / CLASSNAMES_FILE})")
+    classifier = build_zeroshot_classifier(encoder, data.classnames, template_list, batch_size, cache)
+    scores = embedded.features @ classifier
+    result = classification_metrics(scores, labels, ks=(1, 5))
     metrics = {
         "acc1": result.topk[1],
         "acc5": result.topk[5],
         "mean_per_class_recall": result.mean_per_class_recall,
-        "per_class_recall": dict(zip(classnames, result.per_class_recall)),
+        "per_class_recall": dict(zip(data.classnames, result.per_class_recall)),
     }
-    return ZeroShotReport(str(checkpoint), shards, modality, metrics, result.num_samples, len(classnames),
-                          len(templates), time.perf_counter() - start)
+    details: dict[str, Any] = {"classes": num_classes, "templates": len(template_list),
+                               "chance": 1 / num_classes}
+    if confusion_png:
+        matrix = confusion_matrix(scores, labels)
+        details["confusion_matrix"] = str(save_confusion_png(
+            matrix, data.classnames, confusion_png, title=f"{encoder.name} on {dataset}: top-1 {result.topk[1]:.1%}"))
+    return EvalReport("zeroshot_classification", encoder.name, dataset, modality, metrics, result.num_samples,
+                      embedded.num_skipped, time.perf_counter() - start, details)
 
 
-def write_report(report: ZeroShotReport, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_json(), indent=2))
+def evaluate_retrieval(
+    encoder: Encoder,
+    dataset: str,
+    *,
+    modality: str = "image",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    path_col: str | None = None,
+    caption_col: str | None = None,
+    progress: bool = False,
+) -> EvalReport:
+    """Item↔text retrieval recall@1/5/10 over items with one or more captions each.
+
+    A text query hits when its own item is in the top k; an item query hits when any of its captions
+    is (CLIP_benchmark's counting).
+    """
+    start = time.perf_counter()
+    batches = retrieval_batches(dataset, encoder.eval_decoder(modality), batch_size=batch_size,
+                                num_workers=num_workers, path_col=path_col, caption_col=caption_col)
+    embedded = embed_batches(encoder, modality, batches, keep=["captions"], progress=progress)
+    captions: list[list[str]] = embedded.fields["captions"]
+    texts = [text for item in captions for text in item]
+    text_to_item = [i for i, item in enumerate(captions) for _ in item]
+    text_features = embed_texts(encoder, texts, batch_size)
+    metrics = image_text_retrieval(embedded.features, text_features, torch.tensor(text_to_item), RETRIEVAL_KS)
+    if modality != "image":  # CLIP_benchmark's names say "image"; name the modality evaluated
+        metrics = {name.replace("image", modality): value for name, value in metrics.items()}
+    details = {"texts": len(texts)}
+    return EvalReport("zeroshot_retrieval", encoder.name, dataset, modality, metrics, len(captions),
+                      embedded.num_skipped, time.perf_counter() - start, details)

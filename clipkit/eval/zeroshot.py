@@ -8,24 +8,36 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from clipkit.eval.classifier_cache import ClassifierCache, classifier_key
+from clipkit.eval.embed import embed_texts
+from clipkit.eval.encoders import Encoder
 from clipkit.eval.metrics import classification_metrics
-from clipkit.model import ContrastiveModel
 
 
 @torch.no_grad()
 def build_zeroshot_classifier(
-    model: ContrastiveModel, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256
+    model: Encoder, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256,
+    cache: ClassifierCache | None = None,
 ) -> torch.Tensor:
     """Class weights (embed_dim, num_classes): per class, the normalised mean of its normalised
-    template embeddings (CLIP's prompt ensembling). Templates hold ``{}`` for the class name."""
+    template embeddings (CLIP's prompt ensembling). Templates hold ``{}`` for the class name.
+
+    With a ``cache``, a classifier already built for these weights, class names and templates is
+    read back instead of encoding ``len(classnames) * len(templates)`` prompts again.
+    """
     if not classnames or not templates:
         raise ValueError("zero-shot classification needs at least one class name and one template")
+    key = classifier_key(model, classnames, templates) if cache is not None else ""
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None:
+        return cached
     prompts = [template.format(name) for name in classnames for template in templates]
-    embeddings = torch.cat(
-        [model.encode_text(model.tokenize(prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)]
-    )
+    embeddings = embed_texts(model, prompts, batch_size)
     per_class = embeddings.view(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(per_class, dim=-1).T
+    classifier = F.normalize(per_class, dim=-1).T.contiguous()
+    if cache is not None:
+        cache.put(key, classifier)
+    return classifier
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ def load_model(
     image = dataclasses.replace(config.model.image, pretrained=False, pretrained_file=None)
     model = ContrastiveModel(dataclasses.replace(config.model, image=image))
     model.load_state_dict(payload["model"])
+    model.name = str(path)
     return model.to(map_location).eval(), config
 
 
