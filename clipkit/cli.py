@@ -1,4 +1,5 @@
-"""The ``clipkit`` command: make-toy, make-shards, train, eval, export-open-clip, quickstart."""
+"""The ``clipkit`` command: make-toy, make-shards, train, eval, embed, index, search, export-open-clip,
+quickstart."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from clipkit.pretrained import PretrainedWeightsError
 from clipkit.config import ConfigError, ExperimentConfig, load_config
 from clipkit.eval.datasets import CLASSNAMES_FILE, TEMPLATES_FILE
 from clipkit.eval.templates import BUILTIN_TEMPLATES
+from clipkit.pretrained import PretrainedWeightsError
+from retrieval.cli import add_index_commands
 
 DEFAULT_CACHE = Path(os.environ.get("CLIPKIT_CACHE", Path.home() / ".cache" / "clipkit"))
 QUICKSTART_CONFIG = "configs/toy-image-text.yaml"
@@ -40,12 +42,13 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None) -> No
 
 
 def cmd_make_toy(args: argparse.Namespace) -> None:
-    from clipkit.data.toy import make_toy_image_text
+    from clipkit.data.toy_worlds import toy_world
 
-    toy = make_toy_image_text(
-        Path(args.out), num_train=args.num_train, num_eval=args.num_eval, image_size=args.image_size,
-        seed=args.seed, samples_per_shard=args.samples_per_shard,
-    )
+    model = _load(args).model
+    world = toy_world(model)
+    out = Path(args.out or f"toy-data/{world.name}")  # where the toy configs look for shards
+    toy = world.make(model, out, args.num_train or world.num_train, args.num_eval or world.num_eval,
+                     args.seed, args.samples_per_shard)
     print(f"train shards: {toy.shard_pattern('train')}")
     print(f"eval shards:  {toy.shard_pattern('eval')}")
     print(f"{len(toy.classnames)} classes in {toy.root / 'classnames.txt'}")
@@ -101,6 +104,15 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     _print_report(report, args.output)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from clipkit.eval.embed_dir import embed_to_dir
+
+    summary = embed_to_dir(_encoder(args), args.modality, args.dataset, args.out, batch_size=args.batch_size,
+                           progress=not args.no_progress)
+    print(f"{summary.vectors} {args.modality} vectors in {summary.shards_written} new part(s) "
+          f"({summary.shards_skipped} already done, {summary.failed_samples} samples failed) in {args.out}")
 
 
 def cmd_export_open_clip(args: argparse.Namespace) -> None:
@@ -168,11 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    toy = sub.add_parser("make-toy", help="write procedural image-caption webdataset shards")
-    toy.add_argument("--out", default="toy-data/image-text", help="output folder")
-    toy.add_argument("--num-train", type=int, default=24_000)
-    toy.add_argument("--num-eval", type=int, default=2_400)
-    toy.add_argument("--image-size", type=int, default=64)
+    toy = sub.add_parser("make-toy", help="write procedural image-, audio- or video-caption webdataset shards "
+                         "for a config's modalities (sizes, sample rate, frames from the config)")
+    _add_config_args(toy, default=QUICKSTART_CONFIG)
+    toy.add_argument("--out", help="output folder (default: toy-data/WORLD, e.g. toy-data/audio-text)")
+    toy.add_argument("--num-train", type=int, help="training samples (default: the modality's toy size)")
+    toy.add_argument("--num-eval", type=int, help="held-out samples (default: the modality's toy size)")
     toy.add_argument("--samples-per-shard", type=int, default=1000)
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=cmd_make_toy)
@@ -224,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_io_args(retrieval)
     retrieval.set_defaults(func=cmd_eval_retrieval)
 
+    embed = sub.add_parser("embed", help="embed one modality of shards or a folder of files for `clipkit index build`")
+    _add_model_args(embed)
+    embed.add_argument("--dataset", required=True,
+                       help="shards (brace pattern or folder of .tar) or a folder of files (sidecar .txt captions)")
+    embed.add_argument("--out", required=True, help="embeddings folder (resumes: finished shards are kept)")
+    embed.add_argument("--modality", default="image", help="the modality to embed")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    embed.set_defaults(func=cmd_embed)
+    add_index_commands(sub)
+
     export = sub.add_parser("export-open-clip", help="write a clipkit checkpoint as an open_clip model folder")
     export.add_argument("checkpoint", help="a clipkit checkpoint (final.pt or step-N.pt)")
     export.add_argument("out", help="output folder (open_clip_config.json + open_clip_model.safetensors)")
@@ -232,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     quick = sub.add_parser("quickstart", help="offline end-to-end demo on toy data (CPU, minutes)")
     _add_config_args(quick, default=QUICKSTART_CONFIG)
     quick.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the toy shards are kept")
-    quick.add_argument("--num-train", type=int, default=24_000)
-    quick.add_argument("--num-eval", type=int, default=2_400)
+    quick.add_argument("--num-train", type=int, help="training samples (default: the modality's toy size)")
+    quick.add_argument("--num-eval", type=int, help="held-out samples (default: the modality's toy size)")
     quick.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     quick.set_defaults(func=cmd_quickstart)
     return parser

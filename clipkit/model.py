@@ -33,11 +33,34 @@ class ContrastiveModel(nn.Module):
         self.towers = nn.ModuleDict(
             {name: get_modality(name, config).build_tower(config.embed_dim) for name in config.modalities}
         )
+        if "video" in self.towers and "image" in self.towers:
+            self.towers["video"].frames = self.towers["image"]  # one image tower for images and video frames
+        for name, checkpoint in config.init_towers.items():
+            self._init_tower(name, checkpoint)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.initial_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias)) if config.loss == "siglip" else None
         self.locked = {name for name in config.modalities if getattr(getattr(config, name, None), "lock", False)}
         for name in self.locked:
             self.towers[name].requires_grad_(False)
+
+    def _init_tower(self, name: str, checkpoint: str) -> None:
+        """Copy tower ``name`` from a clipkit checkpoint; a video tower takes an image tower's weights
+        as its frame encoder when the checkpoint has no video tower."""
+        from clipkit.train.checkpoint import load_checkpoint  # checkpoint.py imports this module
+
+        if name not in self.towers:
+            raise ValueError(f"model.init_towers names {name!r}, which is not one of model.modalities")
+        weights = load_checkpoint(checkpoint)["model"]
+        source, target = f"towers.{name}.", self.towers[name]
+        if name == "video" and not any(key.startswith(source) for key in weights):
+            source, target = "towers.image.", self.towers[name].frames
+        state = {key[len(source):]: value for key, value in weights.items() if key.startswith(source)}
+        if not state:
+            raise ValueError(f"checkpoint {checkpoint} has no {source.rstrip('.')} to initialise the {name} tower")
+        try:
+            target.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"the {name} tower of {checkpoint} does not fit model.{name}: {err}") from err
 
     def train(self, mode: bool = True) -> "ContrastiveModel":
         """As ``nn.Module.train``, but locked towers stay in eval mode (frozen normalisation statistics)."""

@@ -1,4 +1,5 @@
-"""The offline quickstart: toy shards → train on the CPU → zero-shot accuracy → FAISS text search."""
+"""The offline quickstart: toy shards of the config's modality and text → train on the CPU → zero-shot
+accuracy → FAISS text search."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ from pathlib import Path
 
 from clipkit.config import ExperimentConfig
 from clipkit.data.pipeline import CLASS_LABEL_FIELD, METADATA_FIELD
-from clipkit.data.toy import make_toy_image_text
+from clipkit.data.toy_worlds import toy_world
 from clipkit.eval.embed import embed_shards
 from clipkit.eval.zeroshot import ZeroShotResult, build_zeroshot_classifier, zeroshot_accuracy
 from clipkit.train.trainer import Trainer
 from retrieval import Hit, RetrievalIndex
-
-QUERIES = ("a photo of a red circle", "a large blue square in the top left corner")
 
 
 @dataclass(frozen=True)
@@ -30,30 +29,27 @@ def run_quickstart(
     config: ExperimentConfig,
     cache_dir: Path,
     *,
-    num_train: int,
-    num_eval: int,
+    num_train: int | None = None,
+    num_eval: int | None = None,
     samples_per_shard: int = 1000,
     progress: bool = True,
 ) -> QuickstartResult:
     """Run every step of the quickstart, printing what each one did."""
     start = time.perf_counter()
-    image_size = config.model.image.image_size
-    data_dir = cache_dir / f"toy-image-text-{image_size}px"
-    print(f"[1/4] toy data: {num_train} training + {num_eval} held-out image-caption pairs, "
-          f"{image_size} px, in {data_dir}")
-    toy = make_toy_image_text(
-        data_dir, num_train=num_train, num_eval=num_eval, image_size=image_size,
-        seed=config.train.seed, samples_per_shard=samples_per_shard,
-    )
-    print(f"      {len(toy.classnames)} colour-shape classes; ready after {time.perf_counter() - start:.0f} s")
+    world = toy_world(config.model)
+    modality = world.modality
+    num_train, num_eval = num_train or world.num_train, num_eval or world.num_eval
+    print(f"[1/4] toy data: {num_train} training + {num_eval} held-out {modality}-caption pairs in {cache_dir}")
+    toy = world.make(config.model, cache_dir / world.folder(config.model), num_train, num_eval, config.train.seed, samples_per_shard)
+    print(f"      {len(toy.classnames)} classes in {toy.root}; ready after {time.perf_counter() - start:.0f} s")
     data = dataclasses.replace(
         config.data, train_shards=toy.shard_pattern("train"), eval_shards=toy.shard_pattern("eval")
     )
     config = dataclasses.replace(config, data=data)
 
     trainer = Trainer(config, progress=progress)
-    print(f"[2/4] training {config.model.image.timm_name} image tower + {config.model.text.layers}-layer "
-          f"text transformer on {trainer.device.type}: {trainer.total_steps} steps of {data.batch_size}")
+    print(f"[2/4] training the {modality} tower + {config.model.text.layers}-layer text transformer on "
+          f"{trainer.device.type}: {trainer.total_steps} steps of {data.batch_size}")
     trained = trainer.fit()
     print(f"      {trained.samples} samples in {trained.seconds:.0f} s "
           f"({trained.samples / trained.seconds:.0f}/s), final loss {trained.final_loss:.3f}")
@@ -61,19 +57,19 @@ def run_quickstart(
 
     model = trainer.model.eval()
     features, fields = embed_shards(
-        model, "image", [str(p) for p in toy.eval_shards],
+        model, modality, [str(p) for p in toy.eval_shards],
         batch_size=data.batch_size, extra_fields=[CLASS_LABEL_FIELD, METADATA_FIELD],
     )
     classifier = build_zeroshot_classifier(model, toy.classnames, toy.templates)
     zeroshot = zeroshot_accuracy(features, fields["label"], classifier)
-    print(f"[3/4] zero-shot classification of {zeroshot.num_samples} held-out images over "
+    print(f"[3/4] zero-shot classification of {zeroshot.num_samples} held-out {modality} samples over "
           f"{zeroshot.num_classes} classes ({len(toy.templates)} prompt templates each):")
     print(f"      top-1 {zeroshot.top1:.1%}   top-5 {zeroshot.top5:.1%}   chance {zeroshot.chance:.1%}")
 
     index = RetrievalIndex.build(features, fields["metadata"], kind="exact")
-    print(f"[4/4] exact FAISS index of {len(index)} held-out images; top 5 for two text queries:")
+    print(f"[4/4] exact FAISS index of {len(index)} held-out {modality} samples; top 5 for two text queries:")
     results = {}
-    for query in QUERIES:
+    for query in world.queries:
         results[query] = index.search_text(query, model, k=5)
         print(f"      {query!r}")
         for hit in results[query]:

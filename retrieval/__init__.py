@@ -1,5 +1,18 @@
-"""FAISS retrieval over clipkit embeddings: build, save, load and query an index with metadata."""
+"""FAISS retrieval over clipkit embeddings: build, save, load and query an index with metadata.
 
+>>> index = RetrievalIndex.build(vectors, metadata, kind="auto", memory_budget="4GB")
+>>> index.save("my_index/"); index = RetrievalIndex.load("my_index/", mmap=True)
+>>> hits = index.search_text("a red circle", model=model, k=10)
+"""
+
+from retrieval.embeddings import EmbeddingsFormatError, read_embeddings_dir, write_embedding_shard, write_manifest
 from retrieval.index import Hit, RetrievalIndex
+from retrieval.kinds import KINDS, MemoryBudgetError
+from retrieval.manifest import IndexFormatError
+from retrieval.memory import parse_memory
+from retrieval.store import MetadataError
 
-__all__ = ["Hit", "RetrievalIndex"]
+__all__ = [
+    "KINDS", "EmbeddingsFormatError", "Hit", "IndexFormatError", "MemoryBudgetError", "MetadataError",
+    "RetrievalIndex", "parse_memory", "read_embeddings_dir", "write_embedding_shard", "write_manifest",
+]

@@ -20,6 +20,8 @@ from clipkit.data.pipeline import (
     count_samples,
     expand_shards,
     loader_position,
+    member_extension,
+    read_shards,
     shard_sources,
     training_stream,
 )
@@ -117,6 +119,20 @@ def write_bad_shard(tmp_path: Path) -> str:
         writer.write("empty", {"jpg": jpeg_bytes(), "txt": b"  ", "json": b'{"key": "e"}'})
         writer.write("good1", {"png": _png(), "txt": b"a png", "json": b'{"key": "good1"}'})
     return str(writer.shard_paths[0])
+
+
+def test_only_members_that_fields_decode_are_read(tmp_path):
+    with ShardWriter(tmp_path, "extra", samples_per_shard=10) as writer:
+        writer.write("a", {"jpg": jpeg_bytes(), "txt": b"a red box", "json": b"{}", "npy": bytes(100_000)})
+        writer.write("b", {"json": b"{}"})  # nothing that a run on images and captions reads
+    shard = str(writer.shard_paths[0])
+    samples = list(read_shards([shard], {"jpg", "txt"}))
+    assert [sorted(key for key in sample if not key.startswith("__")) for sample in samples] == [["jpg", "txt"]]
+    assert len(list(read_shards([shard]))) == 2  # without a filter, every member of every sample
+    stream = ShardStream([shard], fields(train=True)[:2], 1, train=True)
+    raw = next(stream._raw_samples(0, 1))  # what the shuffle buffer would hold
+    assert {key for key in raw if not key.startswith("__")} == {"jpg", "txt"}
+    assert member_extension("dir/k001.seg.PNG") == "seg.png" and member_extension("k001") == ""
 
 
 def _png() -> bytes:

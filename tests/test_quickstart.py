@@ -10,7 +10,10 @@ import pytest
 
 from clipkit.cli import QUICKSTART_CONFIG, resolve_config_path
 from clipkit.config import load_config
-from clipkit.quickstart import QUERIES, run_quickstart
+from clipkit.data.toy_worlds import TOY_WORLDS
+from clipkit.quickstart import run_quickstart
+
+QUERIES = TOY_WORLDS["image"].queries
 
 REPO = Path(__file__).resolve().parent.parent
 

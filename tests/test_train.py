@@ -256,3 +256,60 @@ def test_too_many_bad_samples_stop_the_run(tiny_config, toy_shards, tmp_path):
     config.data.max_skip_fraction = 0.2
     with pytest.raises(DataQualityError, match="data.max_skip_fraction"):
         Trainer(config, progress=False).fit()
+
+
+def short_run(config: ExperimentConfig, name: str, **train_options) -> Trainer:
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, max_steps=3, output_dir=f"{config.train.output_dir}-{name}", **train_options))
+    trainer = Trainer(config, progress=False)
+    trainer.fit()
+    return trainer
+
+
+def assert_same_embeddings(first: Trainer, second: Trainer) -> None:
+    """Both trained models embed the same batch alike. (Weights are not compared: Adam turns float
+    rounding in gradients that are zero in exact arithmetic, e.g. attention key biases', into updates.)"""
+    batch = next(iter(first.loader))
+    for trainer in (first, second):
+        trainer.model.eval()
+    with torch.no_grad():
+        ours, theirs = first.model(batch), second.model(batch)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], atol=1e-3), name
+
+
+def test_channels_last_trains_like_the_default_layout(tiny_config, toy_shards):
+    config = with_toy(tiny_config, toy_shards)
+    plain = short_run(config, "plain", channels_last=False)
+    trainer = Trainer(dataclasses.replace(config, train=dataclasses.replace(
+        config.train, max_steps=3, channels_last=True)), progress=False)
+    convolutions = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    images = []
+    trainer.model.towers["image"].register_forward_pre_hook(lambda module, args: images.append(args[0]))
+    result = trainer.fit()
+    assert images and all(x.is_contiguous(memory_format=torch.channels_last) for x in images)
+    assert_same_embeddings(plain, trainer)  # the same arithmetic in another memory order
+    loaded, _ = load_model(result.checkpoint)
+    assert torch.equal(loaded.logit_scale, trainer.model.logit_scale)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager_and_saves_plain_names(tiny_config, toy_shards):
+    config = with_toy(tiny_config, toy_shards)
+    eager = short_run(config, "eager")
+    compiled = short_run(config, "compiled", compile=True)
+    assert compiled.ddp_model is not compiled.model  # the step ran through the compiled module
+    state = torch.load(compiled.checkpointer.path(3), weights_only=True)["model"]
+    assert state.keys() == eager.model.state_dict().keys()  # no "_orig_mod." prefixes
+    assert_same_embeddings(eager, compiled)
+
+
+def test_speed_options_are_typed_config_keys(tmp_path):
+    from clipkit.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  channels_last: false\n  compile: true\n")
+    assert not load_config(path).train.channels_last and load_config(path).train.compile
+    with pytest.raises(ConfigError, match="compile"):
+        load_config(path, ["train.compile=fast"])

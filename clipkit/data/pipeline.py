@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import braceexpand
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from clipkit.config import DataConfig
 from clipkit.modalities.base import FieldDecoder
@@ -145,22 +145,44 @@ def _log_tar_error(err: Exception) -> bool:
     return True
 
 
-def read_shards(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+def member_extension(name: str) -> str:
+    """The extension by which webdataset groups a tar member into a sample: all after the first dot of
+    the file name, lower-cased (``a/b/k.seg.PNG`` → ``seg.png``)."""
+    _, _, extension = name.rpartition("/")[2].partition(".")
+    return extension.lower()
+
+
+@dataclass(frozen=True)
+class _KeepExtensions:
+    """A picklable tar-member filter: only members with these extensions are read into memory."""
+
+    extensions: frozenset[str]
+
+    def __call__(self, name: str) -> bool:
+        return member_extension(name) in self.extensions
+
+
+def read_shards(urls: Iterable[str], extensions: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples of each tar in turn: member bytes by extension, plus ``__key__`` and ``__url__``.
 
-    Unreadable data is logged and passed over; a truncated tar yields the samples before the damage.
+    With ``extensions``, other members are passed over unread (captions' metadata, other modalities),
+    and a sample with none of them is not yielded. Unreadable data is logged and passed over; a
+    truncated tar yields the samples before the damage.
     """
-    read_tars = wds.tarfile_to_samples(handler=_log_tar_error)
+    select = None if extensions is None else _KeepExtensions(frozenset(extensions))
+    read_tars = wds.tarfile_to_samples(handler=_log_tar_error, select_files=select)
     return iter(read_tars({"url": url} for url in urls))
 
 
-def read_resampled_shards(urls: Iterable[str], patience: int) -> Iterator[dict[str, Any]]:
+def read_resampled_shards(
+    urls: Iterable[str], patience: int, extensions: Iterable[str] | None = None
+) -> Iterator[dict[str, Any]]:
     """:func:`read_shards` over an endless draw of ``urls``, failing after ``patience`` empty shards in a
     row: with every shard unreadable, an endless stream would otherwise only ever log warnings."""
     empty_in_a_row = 0
     for url in urls:
         empty_in_a_row += 1
-        for sample in read_shards([url]):
+        for sample in read_shards([url], extensions):
             empty_in_a_row = 0
             yield sample
         if empty_in_a_row >= patience:
@@ -342,10 +364,13 @@ class ShardStream(IterableDataset):
 
     def _raw_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         """This worker's undecoded samples in the order it batches them (after the shuffle buffer)."""
+        # Only the members some field decodes are read: the shuffle buffer holds no unused bytes.
+        extensions = {ext for spec in self.decoder.fields for ext in spec.extensions}
         if self.resampled:
-            samples = read_resampled_shards(self._resampled_urls(worker), patience=100 + 10 * len(self.shards))
+            samples = read_resampled_shards(self._resampled_urls(worker), patience=100 + 10 * len(self.shards),
+                                            extensions=extensions)
         else:
-            samples = read_shards(self._worker_shards(worker, num_workers))
+            samples = read_shards(self._worker_shards(worker, num_workers), extensions)
         if self.train and self.shuffle_size > 1:
             rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
             samples = shuffle_buffer(samples, self.shuffle_size, rng)
@@ -391,14 +416,28 @@ def _collate(items: list[dict[str, Any]], skipped_shards: list[str]) -> dict[str
     batch: dict[str, Any] = {}
     for key, first in items[0].items():
         values = [item[key] for item in items]
-        batch[key] = torch.stack(values) if isinstance(first, torch.Tensor) else values
+        # default_collate stacks straight into shared memory in a worker process, so sending the
+        # batch to the main process copies nothing.
+        batch[key] = default_collate(values) if isinstance(first, torch.Tensor) else values
     batch["num_skipped"] = torch.tensor(len(skipped_shards))
     batch["skipped_shards"] = skipped_shards
     return batch
 
 
+THREADED_DECODER_FIELDS = ("audio", "video")
+
+
+def worker_start_method(setting: str, stream: ShardStream) -> str | None:
+    """``data.worker_start_method`` resolved: "auto" picks forkserver when the stream decodes audio
+    or video (their decoders may run threads that a fork would copy in a locked state)."""
+    if setting != "auto":
+        return setting
+    names = {field.name for field in stream.decoder.fields}
+    return "forkserver" if names & set(THREADED_DECODER_FIELDS) else None
+
+
 def build_loader(
-    stream: ShardStream, num_workers: int, *, pin_memory: bool = False
+    stream: ShardStream, num_workers: int, *, pin_memory: bool = False, start_method: str = "auto"
 ) -> DataLoader:
     """A DataLoader over a :class:`ShardStream`; never more workers than this rank has shards."""
     limit = stream.max_workers()
@@ -412,6 +451,7 @@ def build_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
+        multiprocessing_context=worker_start_method(start_method, stream) if num_workers else None,
     )
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import io
 import json
 import math
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipkit.data.writer import ShardWriter, shard_name, shard_pattern
+from clipkit.data.toy_base import ToyDataset, build_toy_dataset, sample_rng
+from clipkit.data.writer import ShardWriter
 
 GENERATOR_VERSION = 1
 
@@ -174,8 +174,14 @@ def _shape_points(shape: str, cx: float, cy: float, half: float) -> list[tuple[f
     return None
 
 
-def render(attrs: ToyAttributes, rng: np.random.Generator, image_size: int) -> Image.Image:
-    """Draw the sample as an RGB image of image_size × image_size pixels."""
+def render(
+    attrs: ToyAttributes, rng: np.random.Generator, image_size: int, pixel_noise: float = 0.0
+) -> Image.Image:
+    """Draw the sample as an RGB image of image_size × image_size pixels.
+
+    ``pixel_noise`` > 0 adds Gaussian grain of that standard deviation to every pixel and channel,
+    drawn after everything else so the sample's content stays the same.
+    """
     scale = 4  # draw the mask large and box-downsample it: antialiased edges at any output size
     big = image_size * scale
     half = SIZES[attrs.size] * big / 2
@@ -198,12 +204,9 @@ def render(attrs: ToyAttributes, rng: np.random.Generator, image_size: int) -> I
     colour = np.clip(np.array(COLOURS[attrs.colour]) + rng.uniform(-15, 15, size=3), 0, 255)
     background = _background(attrs.texture, image_size, rng)
     pixels = background * (1 - alpha) + colour * alpha
+    if pixel_noise > 0:
+        pixels = pixels + rng.normal(0.0, pixel_noise, size=pixels.shape)
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
-
-
-def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    # crc32, not hash(): Python salts string hashes per process.
-    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
 def write_split(
@@ -216,15 +219,16 @@ def write_split(
     samples_per_shard: int,
     with_labels: bool,
     jpeg_quality: int = 90,
+    pixel_noise: float = 0.0,
 ) -> list[Path]:
     """Write ``num_samples`` samples of ``split`` as ``{split}-NNNNNN.tar`` shards; returns their paths."""
     with ShardWriter(out_dir, split, samples_per_shard) as writer:
         for index in range(num_samples):
-            rng = _sample_rng(seed, split, index)
+            rng = sample_rng(seed, split, index)
             attrs = sample_attributes(rng)
             text = caption(attrs, rng)
             buffer = io.BytesIO()
-            render(attrs, rng, image_size).save(buffer, format="JPEG", quality=jpeg_quality)
+            render(attrs, rng, image_size, pixel_noise).save(buffer, format="JPEG", quality=jpeg_quality)
             key = f"{split}{index:08d}"
             meta = {"key": key, "caption": text, **attrs.to_json()}
             files = {"jpg": buffer.getvalue(), "txt": text.encode()}
@@ -236,20 +240,6 @@ def write_split(
     return writer.shard_paths
 
 
-@dataclass(frozen=True)
-class ToyDataset:
-    root: Path
-    train_shards: list[Path]
-    eval_shards: list[Path]
-    classnames: list[str]
-    templates: list[str]
-
-    def shard_pattern(self, split: str) -> str:
-        """A brace pattern naming every shard of ``split``, e.g. ``/x/train-{000000..000009}.tar``."""
-        shards = {"train": self.train_shards, "eval": self.eval_shards}[split]
-        return shard_pattern(self.root, split, len(shards))
-
-
 def make_toy_image_text(
     out_dir: Path,
     *,
@@ -258,30 +248,22 @@ def make_toy_image_text(
     image_size: int = 64,
     seed: int = 0,
     samples_per_shard: int = 1000,
+    pixel_noise: float = 0.0,
 ) -> ToyDataset:
-    """Write (or reuse, when the same parameters were written before) the toy image–text dataset."""
-    out_dir = Path(out_dir).resolve()
+    """Write (or reuse, when the same parameters were written before) the toy image–text dataset.
+
+    ``pixel_noise`` (grain std in 0–255 units) makes JPEGs as costly to decode as web photos: at
+    512 px, 8 gives files of about 95 KB. The default, 0, writes the clean images.
+    """
     params = {"version": GENERATOR_VERSION, "num_train": num_train, "num_eval": num_eval,
               "image_size": image_size, "seed": seed, "samples_per_shard": samples_per_shard}
+    if pixel_noise:  # recorded only when set, so datasets written before the option stay cached
+        params["pixel_noise"] = pixel_noise
 
-    def shards(split: str, count: int) -> list[Path]:
-        return [out_dir / shard_name(split, i) for i in range(math.ceil(count / samples_per_shard))]
+    def write(folder: Path, split: str, count: int, with_labels: bool) -> list[Path]:
+        return write_split(folder, split, count, image_size=image_size, seed=seed,
+                           samples_per_shard=samples_per_shard, with_labels=with_labels, pixel_noise=pixel_noise)
 
-    dataset = ToyDataset(out_dir, shards("train", num_train), shards("eval", num_eval),
-                         class_names(), list(ZEROSHOT_TEMPLATES))
-    manifest = out_dir / "toy.json"
-    cached = manifest.is_file() and json.loads(manifest.read_text()) == params
-    if cached and all(p.is_file() for p in dataset.train_shards + dataset.eval_shards):
-        return dataset
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest.unlink(missing_ok=True)
-    for stale in [*out_dir.glob("train-*.tar"), *out_dir.glob("eval-*.tar"), out_dir / "sizes.json"]:
-        stale.unlink(missing_ok=True)
-    common = {"image_size": image_size, "seed": seed, "samples_per_shard": samples_per_shard}
-    write_split(out_dir, "train", num_train, with_labels=False, **common)
-    write_split(out_dir, "eval", num_eval, with_labels=True, **common)
-    (out_dir / "classnames.txt").write_text("\n".join(dataset.classnames) + "\n")
-    (out_dir / "zeroshot_classification_templates.txt").write_text("\n".join(dataset.templates) + "\n")
-    # Written last: its presence with these parameters means the shards above are complete.
-    manifest.write_text(json.dumps(params, indent=1))
-    return dataset
+    return build_toy_dataset(out_dir, params, num_train=num_train, num_eval=num_eval,
+                             samples_per_shard=samples_per_shard, classnames=class_names(),
+                             templates=ZEROSHOT_TEMPLATES, write_split=write)

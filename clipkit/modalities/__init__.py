@@ -8,13 +8,17 @@ so adding a modality touches neither of them.
 from __future__ import annotations
 
 from clipkit.config import ModelConfig, AugmentConfig
+from clipkit.modalities.audio import AudioModality
 from clipkit.modalities.base import FieldDecoder, Modality
 from clipkit.modalities.image import ImageModality
 from clipkit.modalities.text import TextModality
+from clipkit.modalities.video import VideoModality
 
 _REGISTRY: dict[str, type[Modality]] = {
+    AudioModality.name: AudioModality,
     ImageModality.name: ImageModality,
     TextModality.name: TextModality,
+    VideoModality.name: VideoModality,
 }
 
 

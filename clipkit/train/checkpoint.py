@@ -64,9 +64,9 @@ def load_model(
     """Rebuild the model a checkpoint was trained with and load its weights; returns it in eval mode."""
     payload = load_checkpoint(path, map_location)
     config = from_dict(ExperimentConfig, payload["config"], source=f"checkpoint {path}")
-    # The weights come from the checkpoint: never fetch the image tower's pretrained weights again.
+    # The weights come from the checkpoint: never fetch pretrained weights or initial towers again.
     image = dataclasses.replace(config.model.image, pretrained=False, pretrained_file=None)
-    model = ContrastiveModel(dataclasses.replace(config.model, image=image))
+    model = ContrastiveModel(dataclasses.replace(config.model, image=image, init_towers={}))
     model.load_state_dict(payload["model"])
     model.name = str(path)
     return model.to(map_location).eval(), config

@@ -128,19 +128,29 @@ class Trainer:
         # Every rank builds identical initial weights (DDP also broadcasts rank 0's).
         seed_everything(config.train.seed)
         self.model: ContrastiveModel = create_model(config.model).to(self.device)
+        if config.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # converts the 4-D (convolution) weights only
         self.model.set_grad_checkpointing(config.train.grad_checkpointing)
         self.ddp_model: nn.Module = self.model
         if self.dist.is_distributed:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.train.compile:
+            # Compiled after the DDP wrap, so dynamo splits graphs at DDP's gradient buckets. Checkpoints
+            # keep saving self.model: its parameters are the compiled module's, without a prefix.
+            self.ddp_model = torch.compile(self.ddp_model)
         self.precision = resolve_precision(self.device, config.train.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
+        # The loss aligns the first two modalities; further towers (e.g. a locked text tower beside an
+        # audio tower bound to a locked image tower, ImageBind-style) ride along for evaluation.
+        self.pair: tuple[str, str] = self.model.modalities[:2]
         fields = [get_modality(name, config.model, config.data.augment).field(train=True)
-                  for name in self.model.modalities]
+                  for name in self.pair]
         self.stream = training_stream(config.data, fields, seed=config.train.seed, rank=self.dist.rank,
                                       world_size=self.dist.world_size)
-        self.loader = build_loader(self.stream, config.data.num_workers, pin_memory=self.device.type == "cuda")
+        self.loader = build_loader(self.stream, config.data.num_workers, pin_memory=self.device.type == "cuda",
+                                   start_method=config.data.worker_start_method)
         if config.data.resampled:
             self.steps_per_epoch = max(1, self.stream.batches_per_rank() // config.train.accum_freq)
         else:
@@ -219,7 +229,7 @@ class Trainer:
             for batch in self.loader:
                 empty = False
                 self.batches_in_epoch += 1
-                self.skip_guard.update(len(batch[self.model.modalities[0]]), int(batch["num_skipped"]))
+                self.skip_guard.update(len(batch[self.pair[0]]), int(batch["num_skipped"]))
                 yield batch
             if empty and not resumed_mid_epoch:  # a run resumed at an epoch's very end finds it empty
                 raise RuntimeError(f"the training shards yielded no full batch: {self.config.data.train_shards}")
@@ -229,15 +239,23 @@ class Trainer:
     # --- the step ----------------------------------------------------------------------------
 
     def _loss(self, features: dict[str, torch.Tensor], with_temperature_grad: bool = True) -> torch.Tensor:
-        first, second = self.model.modalities[:2]
+        first, second = self.pair
         scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
         if not with_temperature_grad:
             scale = scale.detach()
             bias = bias.detach() if bias is not None else None
         return self.loss_fn(features[first].float(), features[second].float(), scale, bias)
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        if self.config.train.channels_last and tensor.dim() == 4:
+            # Channels-last weights want channels-last images, else every convolution converts its input.
+            # Converted after the copy: on a GPU the (pinned, asynchronous) copy stays a plain one.
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
     def _forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        inputs = {name: batch[name].to(self.device, non_blocking=True) for name in self.model.modalities}
+        inputs = {name: self._to_device(batch[name]) for name in self.pair}
         with autocast(self.device, self.precision):
             return self.ddp_model(inputs)
 
@@ -306,7 +324,7 @@ class Trainer:
                 batches = [next(micro_batches) for _ in range(config.train.accum_freq)]
                 window.data_wait += time.perf_counter() - wait_start
                 loss = self.train_step(batches)
-                batch_samples = sum(len(b[self.model.modalities[0]]) for b in batches)
+                batch_samples = sum(len(b[self.pair[0]]) for b in batches)
                 skipped_by_shard.update(url for b in batches for url in b["skipped_shards"])
                 self.step += 1
                 self.samples_seen += batch_samples * self.dist.world_size

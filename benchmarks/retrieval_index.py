@@ -1,0 +1,205 @@
+"""Build time, size, memory, queries/s and recall@10 of each retrieval index kind on clustered vectors.
+
+    python benchmarks/retrieval_index.py                 # 1,000,000 × 512 (tens of minutes on 2 cores)
+    python benchmarks/retrieval_index.py --quick         # 100,000 × 512
+
+The vectors are ``retrieval.synthetic.ClusteredVectors`` (N/500 Gaussian clusters on the sphere with
+a decaying within-cluster spectrum); the queries are 1000 more draws, not in the index, and recall@10
+is measured against exact search. Each kind is built, saved and searched in fresh processes so that
+their memory figures do not mix: "build mem" is the growth of the build process's peak RSS over its RSS
+before building (it includes the memory-mapped input vectors it touched), "loaded" the RSS growth from
+loading the saved index. ``auto`` is not built again when it picks a kind that is also benchmarked.
+Queries go through ``RetrievalIndex.search_vectors`` (metadata included), at batch 1 and batch 64.
+Figures are printed, never asserted; on a shared machine compare the ratios within one run.
+"""
+
+from __future__ import annotations
+
+import os
+
+# FAISS's OpenMP threads busy-wait between parallel sections; on a machine shared with other jobs
+# that turns short sections (PQ training, small searches) into long stalls.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
+from retrieval import RetrievalIndex  # noqa: E402
+from retrieval.kinds import plan_index  # noqa: E402
+from retrieval.memory import format_bytes, parse_memory  # noqa: E402
+from retrieval.synthetic import ClusteredVectors  # noqa: E402
+from retrieval.tuning import exact_neighbours, recall_at_k  # noqa: E402
+from retrieval.vectors import ArrayVectors  # noqa: E402
+
+KINDS = {  # benchmark name → build options
+    "exact": {"kind": "exact"},
+    "hnsw": {"kind": "hnsw"},
+    "ivfpq": {"kind": "ivfpq"},
+    "ivfpq+opq": {"kind": "ivfpq", "opq": True},
+    "ivfrabitq": {"kind": "ivfrabitq"},
+    "auto": {"kind": "auto"},
+}
+NUM_QUERIES = 1_000
+BATCH = 64
+TIMED_SECONDS = 20.0  # each throughput figure runs at most about this long (exact search is slow)
+TARGETS = {"recall": 0.95, "qps_ratio": 20.0, "size_ratio": 1 / 8}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_data(workdir: Path, num_vectors: int, dim: int, clusters: int) -> None:
+    """Write base.npy, queries.npy and the queries' exact top-10 (truth.npy) to ``workdir``, unless a
+    ``--workdir`` from an earlier run already holds the same data."""
+    description = {"num_vectors": num_vectors, "dim": dim, "clusters": clusters, "queries": NUM_QUERIES}
+    described = workdir / "data.json"
+    if described.is_file() and json.loads(described.read_text()) == description:
+        return
+    generator = ClusteredVectors(dim=dim, num_clusters=clusters)
+    base, base_clusters = generator.sample(num_vectors, seed=0)
+    queries, _ = generator.sample(NUM_QUERIES, seed=1)
+    np.save(workdir / "base.npy", base)
+    np.save(workdir / "clusters.npy", base_clusters)
+    np.save(workdir / "queries.npy", queries)
+    np.save(workdir / "truth.npy", exact_neighbours(queries, ArrayVectors(base), 10))
+    described.write_text(json.dumps(description))
+
+
+def build_phase(workdir: Path, name: str, memory_budget: str, target_recall: float) -> dict:
+    base = np.load(workdir / "base.npy", mmap_mode="r")
+    clusters = np.load(workdir / "clusters.npy")
+    metadata = ({"cluster": int(c), "source": f"shard-{i // 10_000:05d}"} for i, c in enumerate(clusters))
+    rss_before = rss_bytes()
+    start = time.perf_counter()
+    index = RetrievalIndex.build(base, metadata, memory_budget=memory_budget, target_recall=target_recall,
+                                 model_name="synthetic", **KINDS[name])
+    seconds = time.perf_counter() - start
+    index.save(workdir / name)
+    return {
+        "build_s": seconds, "build_memory": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before,
+        "factory": index.manifest.factory, "search": index.manifest.search, "tuning": index.manifest.tuning,
+        "index_bytes": index.manifest.index_bytes,
+    }
+
+
+def queries_per_s(index: RetrievalIndex, queries: np.ndarray, batch: int) -> tuple[float, list]:
+    """Search ``queries`` in batches until done or ``TIMED_SECONDS`` pass; (queries/s, hits so far)."""
+    hits: list = []
+    start = time.perf_counter()
+    for first in range(0, len(queries), batch):
+        hits += index.search_vectors(queries[first:first + batch], k=10)
+        if time.perf_counter() - start > TIMED_SECONDS:
+            break
+    return len(hits) / (time.perf_counter() - start), hits
+
+
+def search_phase(workdir: Path, name: str) -> dict:
+    queries, truth = np.load(workdir / "queries.npy"), np.load(workdir / "truth.npy")
+    before = rss_bytes()
+    index = RetrievalIndex.load(workdir / name)
+    loaded = rss_bytes() - before
+    index.search_vectors(queries[:BATCH], k=10)  # first-touch costs are not throughput
+    qps_1, _ = queries_per_s(index, queries, 1)
+    qps_64, hits = queries_per_s(index, queries, BATCH)
+    found = np.array([[hit.id for hit in row] + [-1] * (10 - len(row)) for row in hits])
+    return {"loaded_rss": loaded, "qps_1": qps_1, "qps_64": qps_64,
+            "recall_at_10": recall_at_k(found, truth[:len(found)]), "recall_queries": len(found)}
+
+
+def run_child(args: argparse.Namespace, phase: str, name: str) -> dict:
+    command = [sys.executable, __file__, "--phase", phase, "--kind", name, "--workdir", str(args.workdir),
+               "--threads", str(args.threads), "--memory-budget", args.memory_budget,
+               "--target-recall", str(args.target_recall)]
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def report(rows: dict[str, dict], num_vectors: int, dim: int) -> None:
+    raw = num_vectors * dim * 4
+    print(f"\n{num_vectors:,} × {dim} float32 = {format_bytes(raw)} raw; recall@10 on {NUM_QUERIES} held-out "
+          f"queries vs exact search; {faiss.omp_get_max_threads()} threads\n")
+    header = (f"{'kind':<10} {'index':<26} {'knob':<14} {'build s':>8} {'build mem':>10} {'index size':>10} "
+              f"{'/raw':>6} {'loaded':>9} {'q/s @1':>8} {'q/s @64':>8} {'recall@10':>9}")
+    print(header)
+    print("-" * len(header))
+    for name, row in rows.items():
+        knob = ",".join(f"{k}={v}" for k, v in row["search"].items()) or "-"
+        print(f"{name:<10} {row['factory']:<26} {knob:<14} {row['build_s']:>8.1f} "
+              f"{format_bytes(row['build_memory']):>10} {format_bytes(row['index_bytes']):>10} "
+              f"{row['index_bytes'] / raw:>6.3f} {format_bytes(row['loaded_rss']):>9} {row['qps_1']:>8.1f} "
+              f"{row['qps_64']:>8.1f} {row['recall_at_10']:>9.3f}")
+    if "auto" in rows and "exact" in rows:
+        auto, exact = rows["auto"], rows["exact"]
+        checks = [
+            ("recall@10", auto["recall_at_10"], f"≥ {TARGETS['recall']}", auto["recall_at_10"] >= TARGETS["recall"]),
+            ("q/s vs exact, batch 1", auto["qps_1"] / exact["qps_1"], f"≥ {TARGETS['qps_ratio']:.0f}×",
+             auto["qps_1"] / exact["qps_1"] >= TARGETS["qps_ratio"]),
+            ("q/s vs exact, batch 64", auto["qps_64"] / exact["qps_64"], f"≥ {TARGETS['qps_ratio']:.0f}×",
+             auto["qps_64"] / exact["qps_64"] >= TARGETS["qps_ratio"]),
+            ("index size / raw", auto["index_bytes"] / raw, "≤ 0.125",
+             auto["index_bytes"] / raw <= TARGETS["size_ratio"]),
+        ]
+        print(f"\nauto ({auto['factory']}, tuning {auto['tuning']}) against the targets:")
+        for label, value, target, met in checks:
+            print(f"  {label:<24} {value:>8.3f}   target {target:<7} {'met' if met else 'NOT met'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-vectors", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="100,000 vectors")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--clusters", type=int, help="Gaussian clusters (default: one per 500 vectors)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {', '.join(KINDS)}")
+    parser.add_argument("--threads", type=int, default=2, help="FAISS threads (this machine has 2 cores)")
+    parser.add_argument("--memory-budget", default="4GB")
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--workdir", type=Path,
+                        help="where data and indexes go, kept for a rerun (default: a temporary folder)")
+    parser.add_argument("--phase", choices=("build", "search"), help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+
+    if args.phase:  # a child process: one phase of one kind, one JSON line out
+        phase = build_phase if args.phase == "build" else search_phase
+        options = (args.memory_budget, args.target_recall) if args.phase == "build" else ()
+        print(json.dumps(phase(args.workdir, args.kind, *options)))
+        return
+
+    num_vectors = 100_000 if args.quick else args.num_vectors
+    names = args.kinds.split(",")
+    unknown = set(names) - KINDS.keys()
+    if unknown:
+        parser.error(f"unknown kinds {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory(prefix="retrieval-bench-") as scratch:
+        args.workdir = args.workdir or Path(scratch)
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        make_data(args.workdir, num_vectors, args.dim, args.clusters or max(num_vectors // 500, 1))
+        print(f"data and exact ground truth: {time.perf_counter() - start:.0f} s", flush=True)
+        auto_kind = plan_index("auto", num_vectors, args.dim, parse_memory(args.memory_budget)).kind
+        rows = {}
+        for name in names:
+            if name == "auto" and auto_kind in rows:
+                rows[name] = rows[auto_kind]
+            else:
+                rows[name] = run_child(args, "build", name)
+                rows[name] |= run_child(args, "search", name)
+            print(f"{name}: {json.dumps(rows[name])}", flush=True)
+        report(rows, num_vectors, args.dim)
+
+
+if __name__ == "__main__":
+    main()

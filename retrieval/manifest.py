@@ -1,0 +1,101 @@
+"""manifest.json of a saved index: what was indexed, how, with which model, and the file sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+FORMAT = "clipkit-retrieval-index"
+VERSION = 1
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+METADATA_FILE = "metadata.sqlite"
+METRIC = "inner_product"
+
+
+class IndexFormatError(ValueError):
+    """A saved index directory that is missing, incomplete, damaged, or made for another model."""
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The description of a saved index.
+
+    ``count`` is the number of searchable vectors; ``next_id`` the id the next added vector gets.
+    ``search`` is the knob setting searches use (``{"nprobe": 48}``, ``{"efSearch": 64}`` or ``{}``),
+    ``tuning`` how it was chosen (target and measured recall@10, number of queries) or ``None``.
+    ``index_bytes`` and ``metadata_bytes`` are the sizes the files must have, so that a truncated
+    copy fails to load with a clear message instead of a FAISS read error.
+    """
+
+    dim: int
+    kind: str
+    factory: str
+    model: str | None
+    count: int
+    next_id: int
+    search: dict[str, int]
+    tuning: dict[str, float | int] | None
+    created: str
+    index_bytes: int
+    metadata_bytes: int
+    metric: str = METRIC
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> "Manifest":
+        try:
+            data: Any = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise IndexFormatError(f"{source} is not valid JSON: {err}") from err
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise IndexFormatError(f"{source} is not a retrieval index manifest")
+        if data.get("version") != VERSION:
+            raise IndexFormatError(f"{source} has format version {data.get('version')}; this code reads {VERSION}")
+        fields = {field.name for field in dataclasses.fields(cls)}
+        missing = fields - data.keys() - {"metric"}
+        if missing:
+            raise IndexFormatError(f"{source} lacks {', '.join(sorted(missing))}")
+        manifest = cls(**{name: data[name] for name in fields if name in data})
+        if manifest.metric != METRIC:
+            raise IndexFormatError(f"{source}: metric {manifest.metric!r} is not supported (only {METRIC})")
+        return manifest
+
+    def check(self, expect_model: str | None, expect_dim: int | None, source: Path) -> None:
+        """Raise ``IndexFormatError`` if the index was built for another model or dimension."""
+        if expect_dim is not None and expect_dim != self.dim:
+            raise IndexFormatError(f"{source} holds {self.dim}-d vectors, expected {expect_dim}-d")
+        if expect_model is not None and expect_model != self.model:
+            raise IndexFormatError(
+                f"{source} was built from embeddings of model {self.model!r}, expected {expect_model!r}: "
+                "its vectors are not comparable with that model's"
+            )
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """The manifest of a saved index directory (``IndexFormatError`` if it has none)."""
+    path = Path(directory) / MANIFEST_FILE
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"no index directory at {directory}")
+    if not path.is_file():
+        raise IndexFormatError(f"{directory} has no {MANIFEST_FILE}: not a saved index, or its save did not finish")
+    return Manifest.from_json(path.read_text(encoding="utf-8"), path)
+
+
+def is_index_directory(directory: Path) -> bool:
+    """Whether ``directory`` holds a readable index manifest (what may be replaced by a save)."""
+    try:
+        read_manifest(directory)
+    except (IndexFormatError, OSError):
+        return False
+    return True

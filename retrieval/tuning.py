@@ -1,0 +1,101 @@
+"""Exact neighbours, recall@k, and the search knob setting that reaches a target recall."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from retrieval.vectors import VectorSource
+
+CHUNK_ROWS = 65_536
+RECALL_K = 10
+PLATEAU_GAIN = 0.002  # recall gains smaller than this over PLATEAU_STEPS knob steps end the tuning
+PLATEAU_STEPS = 3
+
+
+def exact_neighbours(queries: np.ndarray, source: VectorSource, k: int) -> np.ndarray:
+    """(Q, D) queries → (Q, k) row numbers of their exact top-k inner products over every vector of
+    ``source``, best first, read chunk by chunk so the vectors never need to be in memory at once."""
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_ids = np.empty((len(queries), 0), dtype=np.int64)
+    offset = 0
+    for chunk in source.chunks(CHUNK_ROWS):
+        scores, ids = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+        best_scores = np.hstack([best_scores, scores])
+        best_ids = np.hstack([best_ids, ids + offset])
+        order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(best_scores, order, axis=1)
+        best_ids = np.take_along_axis(best_ids, order, axis=1)
+        offset += len(chunk)
+    return best_ids
+
+
+def drop_self(ids: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
+    """(Q, k+1) neighbour ids of queries that are themselves indexed → (Q, k) without the query.
+
+    A query finds itself (or, for an approximate index, usually does); recall must be measured on
+    its other neighbours. Rows where the query's own id is absent lose their last column instead.
+    """
+    is_self = ids == self_ids[:, None]
+    first_self = is_self & (np.cumsum(is_self, axis=1) == 1)
+    first_self[~first_self.any(axis=1), -1] = True
+    return ids[~first_self].reshape(len(ids), ids.shape[1] - 1)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found ∩ truth| / k for (Q, ≥k) found ids and (Q, k) true ids."""
+    k = truth.shape[1]
+    hits = sum(len(np.intersect1d(row_found[:k], row_truth)) for row_found, row_truth in zip(found, truth))
+    return hits / truth.size
+
+
+def knob_ladder(start: int, limit: int) -> list[int]:
+    """Knob values to try, from ``start`` up to ``limit``, about √2 apart (1, 2, 3, 4, 6, 8, 11, 16, ...)."""
+    values, value = [], start
+    while value < limit:
+        values.append(value)
+        value = max(value + 1, round(value * math.sqrt(2)))
+    return [*values, limit]
+
+
+@dataclass(frozen=True)
+class TuningResult:
+    """The chosen knob value, the recall@10 it reached and the target it was asked for."""
+
+    value: int
+    recall: float
+    target: float
+    num_queries: int
+
+    @property
+    def reached(self) -> bool:
+        return self.recall >= self.target
+
+
+def tune_knob(
+    search: Callable[[int], np.ndarray],
+    truth: np.ndarray,
+    target: float,
+    start: int,
+    limit: int,
+) -> TuningResult:
+    """The smallest knob value on ``knob_ladder(start, limit)`` whose recall@k against ``truth``
+    reaches ``target``; if none does, the best value seen before recall stopped improving.
+
+    ``search(value)`` returns (Q, k) ids for the tuning queries searched with that knob value.
+    """
+    best = TuningResult(start, -1.0, target, len(truth))
+    steps_without_gain = 0
+    for value in knob_ladder(start, limit):
+        recall = recall_at_k(search(value), truth)
+        # Past a point the codes, not the knob, limit recall; searching more only costs time.
+        steps_without_gain = steps_without_gain + 1 if recall < best.recall + PLATEAU_GAIN else 0
+        if recall > best.recall:
+            best = TuningResult(value, recall, target, len(truth))
+        if recall >= target or steps_without_gain == PLATEAU_STEPS:
+            break
+    return best
