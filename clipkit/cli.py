@@ -277,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, PretrainedWeightsError) as err:  # the message names the missing file
         print(f"clipkit: {err}", file=sys.stderr)
         return 1
+    except InterruptedError as err:
+        print(f"clipkit: {err}", file=sys.stderr)
+        return 130
     except ValueError as err:  # bad input: class names that do not match the labels, a wrong CSV column, ...
         print(f"clipkit: {args.command}: {err}", file=sys.stderr)
         return 2

@@ -51,6 +51,9 @@ def run_quickstart(
     print(f"[2/4] training the {modality} tower + {config.model.text.layers}-layer text transformer on "
           f"{trainer.device.type}: {trainer.total_steps} steps of {data.batch_size}")
     trained = trainer.fit()
+    if trained.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; evaluating half a run helps nobody
+        raise InterruptedError(f"training stopped by a signal after {trained.steps} steps; "
+                               f"checkpoint: {trained.checkpoint}")
     print(f"      {trained.samples} samples in {trained.seconds:.0f} s "
           f"({trained.samples / trained.seconds:.0f}/s), final loss {trained.final_loss:.3f}")
     print(f"      checkpoint: {trained.checkpoint}")

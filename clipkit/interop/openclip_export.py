@@ -93,7 +93,7 @@ def export_to_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
     model, config = load_model(checkpoint)
     model_cfg = open_clip_model_config(config.model)
     preprocess_cfg = {"size": config.model.image.image_size, "mean": list(config.model.image.mean),
-                      "std": list(config.model.image.std), "interpolation": "bilinear", "resize_mode": "shortest"}
+                      "std": list(config.model.image.std), "interpolation": "bicubic", "resize_mode": "shortest"}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
