@@ -129,13 +129,13 @@ def report(rows: dict[str, dict], num_vectors: int, dim: int) -> None:
     raw = num_vectors * dim * 4
     print(f"\n{num_vectors:,} × {dim} float32 = {format_bytes(raw)} raw; recall@10 on {NUM_QUERIES} held-out "
           f"queries vs exact search; {faiss.omp_get_max_threads()} threads\n")
-    header = (f"{'kind':<10} {'index':<26} {'knob':<14} {'build s':>8} {'build mem':>10} {'index size':>10} "
+    header = (f"{'kind':<10} {'index':<30} {'knob':<14} {'build s':>8} {'build mem':>10} {'index size':>10} "
               f"{'/raw':>6} {'loaded':>9} {'q/s @1':>8} {'q/s @64':>8} {'recall@10':>9}")
     print(header)
     print("-" * len(header))
     for name, row in rows.items():
         knob = ",".join(f"{k}={v}" for k, v in row["search"].items()) or "-"
-        print(f"{name:<10} {row['factory']:<26} {knob:<14} {row['build_s']:>8.1f} "
+        print(f"{name:<10} {row['factory']:<30} {knob:<14} {row['build_s']:>8.1f} "
               f"{format_bytes(row['build_memory']):>10} {format_bytes(row['index_bytes']):>10} "
               f"{row['index_bytes'] / raw:>6.3f} {format_bytes(row['loaded_rss']):>9} {row['qps_1']:>8.1f} "
               f"{row['qps_64']:>8.1f} {row['recall_at_10']:>9.3f}")

@@ -22,13 +22,14 @@ from retrieval.manifest import (
 from retrieval.memory import parse_memory
 from retrieval.search import SearchKnob, search_index
 from retrieval.store import FilterValue, MetadataStore
-from retrieval.tuning import CHUNK_ROWS, RECALL_K, drop_self, exact_neighbours, tune_knob
+from retrieval.tuning import CHUNK_ROWS, RECALL_K, exact_neighbours, tune_knob
 from retrieval.vectors import VectorSource, as_float32_matrix, as_vector_source, is_tensor
 
 if TYPE_CHECKING:
     import torch
 
-TUNING_QUERIES = 1_000
+TUNING_QUERIES = 1_000  # or a tenth of the vectors, if fewer
+MIN_TUNING_QUERIES = 10
 HNSW_TUNING_START = 16  # efSearch below k is raised to k by FAISS anyway
 # Tuning stops here even if the target is not reached: past it, HNSW costs near brute force.
 HNSW_TUNING_LIMIT = 4_096
@@ -47,15 +48,6 @@ def _sample_rows(num_rows: int, count: int, rng: np.random.Generator, exclude: n
     """``count`` distinct ascending row numbers below ``num_rows``, none in ``exclude`` when possible."""
     pool = np.setdiff1d(np.arange(num_rows), exclude) if len(exclude) < num_rows - count else np.arange(num_rows)
     return np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False))
-
-
-def _add_to_faiss(index: faiss.Index, kind: str, vectors: np.ndarray, first_id: int) -> None:
-    """Add (N, D) vectors under ids ``first_id, first_id + 1, ...``."""
-    if kind == "hnsw":
-        # HNSW ids are insertion positions, which equal ours because HNSW vectors are never dropped.
-        index.add(vectors)
-    else:
-        index.add_with_ids(vectors, np.arange(first_id, first_id + len(vectors), dtype=np.int64))
 
 
 class RetrievalIndex:
@@ -95,8 +87,9 @@ class RetrievalIndex:
         ``kind`` is ``exact``, ``hnsw``, ``ivfpq`` (``opq=True`` adds a learned rotation),
         ``ivfrabitq`` or ``auto`` (see ``retrieval.kinds``); the index must fit ``memory_budget``
         (e.g. ``"4GB"``). Approximate kinds train on a random sample and then set their search knob
-        to the lowest value whose recall@10 against exact search, measured on up to 1000 held-out
-        vectors used as queries, reaches ``target_recall``. ``model_name`` is recorded in the manifest.
+        to the lowest value whose recall@10 against exact search reaches ``target_recall`` for up to
+        1000 of the vectors, held out of training and of the index until then, used as queries.
+        ``model_name`` is recorded in the manifest.
         """
         if not 0 < target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
@@ -109,12 +102,17 @@ class RetrievalIndex:
         store.insert(0, metadata if metadata is not None else ({} for _ in range(num_vectors)), num_vectors)
 
         index = create_index(plan, dim)
-        tuning_rows = _sample_rows(num_vectors, TUNING_QUERIES, rng, np.empty(0, np.int64))
+        # Tuning queries are held out of training and, until tuned, of the index: a query that is
+        # indexed finds its own neighbourhood more easily than a new one does.
+        tuning_rows = _sample_rows(num_vectors, min(TUNING_QUERIES, num_vectors // 10) if plan.knob else 0,
+                                   rng, np.empty(0, np.int64))
         if plan.train_size:
             index.train(source.take(_sample_rows(num_vectors, plan.train_size, rng, exclude=tuning_rows)))
         start = 0
         for chunk in source.chunks(CHUNK_ROWS):
-            _add_to_faiss(index, plan.kind, chunk, start)
+            ids = np.arange(start, start + len(chunk), dtype=np.int64)
+            keep = ~np.isin(ids, tuning_rows)
+            index.add_with_ids(chunk[keep], ids[keep])
             start += len(chunk)
 
         manifest = Manifest(
@@ -123,37 +121,40 @@ class RetrievalIndex:
         )
         built = cls(index, store, manifest)
         if plan.knob is not None:
-            built._tune(plan, source, tuning_rows, target_recall)
+            queries = source.take(tuning_rows)
+            built._tune(plan, source, queries, tuning_rows, target_recall)
+            index.add_with_ids(queries, tuning_rows)
         return built
 
-    def _tune(self, plan: IndexPlan, source: VectorSource, rows: np.ndarray, target: float) -> None:
-        """Set the knob to the lowest value reaching ``target`` recall@10 on vectors ``rows`` as queries."""
-        queries = source.take(rows)
-        k = min(RECALL_K, len(self) - 1)
-        if k < 1:
-            return
-        # The queries are indexed vectors: each finds itself, which must not count as a neighbour.
-        truth = drop_self(exact_neighbours(queries, source, k + 1), rows)
+    def _tune(self, plan: IndexPlan, source: VectorSource, queries: np.ndarray, rows: np.ndarray,
+              target: float) -> None:
+        """Set the knob to the lowest value reaching ``target`` recall@10 for (Q, D) ``queries``, the
+        vectors of ``rows`` of ``source``, which the index does not hold yet."""
         if plan.knob == "nprobe":
             start, limit = 1, faiss.extract_index_ivf(self.index).nlist
         else:
             start, limit = HNSW_TUNING_START, HNSW_TUNING_LIMIT
+        k = min(RECALL_K, self.index.ntotal)
+        if len(queries) < MIN_TUNING_QUERIES or k < 1:  # too few vectors to measure recall: search widely
+            self._set_knob(SearchKnob(plan.knob, limit if plan.knob == "nprobe" else start), None)
+            return
+        truth = exact_neighbours(queries, source, k, exclude=rows)
 
         def search(value: int) -> np.ndarray:
-            _, ids = search_index(self.index, queries, k + 1, SearchKnob(plan.knob, value), None, k + 1)
-            return drop_self(ids, rows)
+            return search_index(self.index, queries, k, SearchKnob(plan.knob, value), None, k)[1]
 
         result = tune_knob(search, truth, target, start, limit)
         if not result.reached:
             warnings.warn(f"{plan.factory}: recall@{k} reached {result.recall:.3f} at {plan.knob}={result.value}, "
                           f"below the target {target}; a less compressed kind (or 'hnsw') would do better",
                           stacklevel=3)
-        self._knob = SearchKnob(plan.knob, result.value)
-        self.manifest = replace(
-            self.manifest, search={plan.knob: result.value},
-            tuning={"target_recall_at_10": target, "recall_at_10": round(result.recall, 4),
-                    "queries": result.num_queries},
-        )
+        self._set_knob(SearchKnob(plan.knob, result.value),
+                       {"target_recall_at_10": target, "recall_at_10": round(result.recall, 4),
+                        "queries": result.num_queries})
+
+    def _set_knob(self, knob: SearchKnob, tuning: dict[str, float | int] | None) -> None:
+        self._knob = knob
+        self.manifest = replace(self.manifest, search={knob.name: knob.value}, tuning=tuning)
 
     @classmethod
     def build_from_embeddings(cls, path: str | Path, **options: Any) -> "RetrievalIndex":
@@ -203,7 +204,7 @@ class RetrievalIndex:
         first = self.manifest.next_id
         ids = np.arange(first, first + len(array), dtype=np.int64)
         self.store.insert(first, metadata if metadata is not None else ({} for _ in ids), len(array))
-        _add_to_faiss(self.index, self.kind, array, first)
+        self.index.add_with_ids(array, ids)
         self.manifest = replace(self.manifest, count=self.manifest.count + len(ids), next_id=first + len(ids))
         return ids
 

@@ -3,7 +3,7 @@
 | kind | FAISS index | search knob | bytes per vector (512-d) |
 | --- | --- | --- | --- |
 | exact | ``IDMap,Flat`` (brute-force inner product) | none | 2056 |
-| hnsw | ``HNSW32`` graph over full vectors | efSearch | ~2320 |
+| hnsw | ``IDMap,HNSW32`` graph over full vectors | efSearch | ~2328 |
 | ivfpq | ``IVF{nlist},PQ{d/2}x4fs`` (``OPQ`` rotation first with ``opq=True``) | nprobe | 136 |
 | ivfrabitq | ``RR{d},IVF{nlist},RaBitQ{bits}`` (random rotation, 1–3 bits per dimension) | nprobe | 220 |
 
@@ -124,7 +124,7 @@ def candidate_plans(kind: str, num_vectors: int, dim: int, opq: bool = False) ->
     if kind == "hnsw":
         # The vector, 2·M int32 neighbours on level 0, ~4 bytes of upper levels, 12 of bookkeeping.
         per_vector = dim * 4 + HNSW_NEIGHBOURS * 2 * 4 + 16
-        return [IndexPlan("hnsw", f"HNSW{HNSW_NEIGHBOURS}", "efSearch", 0, per_vector, 0)]
+        return [IndexPlan("hnsw", f"IDMap,HNSW{HNSW_NEIGHBOURS}", "efSearch", 0, per_vector + ID_BYTES, 0)]
     if num_vectors < IVF_MIN_VECTORS:
         raise ValueError(f"{kind} needs at least {IVF_MIN_VECTORS} vectors to train on, got {num_vectors}; "
                          "use kind='exact'")
@@ -183,7 +183,7 @@ def create_index(plan: IndexPlan, dim: int) -> faiss.Index:
     """An empty (untrained) FAISS index for ``plan``."""
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if plan.kind == "hnsw":
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        faiss.downcast_index(index.index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     if plan.factory.startswith("OPQ"):
         # OPQ learns its rotation with an 8-bit PQ unless given one; ours is 4-bit, which is also
         # ~16x cheaper to train. The PQ is only used while training; the index keeps a reference.

@@ -17,33 +17,29 @@ PLATEAU_GAIN = 0.002  # recall gains smaller than this over PLATEAU_STEPS knob s
 PLATEAU_STEPS = 3
 
 
-def exact_neighbours(queries: np.ndarray, source: VectorSource, k: int) -> np.ndarray:
-    """(Q, D) queries → (Q, k) row numbers of their exact top-k inner products over every vector of
-    ``source``, best first, read chunk by chunk so the vectors never need to be in memory at once."""
-    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+def exact_neighbours(queries: np.ndarray, source: VectorSource, k: int,
+                     exclude: np.ndarray | None = None) -> np.ndarray:
+    """(Q, D) queries → (Q, k) row numbers of their exact top-k inner products over the vectors of
+    ``source`` (except the ascending row numbers ``exclude``), best first, read chunk by chunk so the
+    vectors never need to be in memory at once."""
+    exclude = np.empty(0, np.int64) if exclude is None else exclude
+    best_scores = np.empty((len(queries), 0), dtype=np.float32)
     best_ids = np.empty((len(queries), 0), dtype=np.int64)
     offset = 0
     for chunk in source.chunks(CHUNK_ROWS):
-        scores, ids = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+        excluded = exclude[(exclude >= offset) & (exclude < offset + len(chunk))]
+        # Excluded rows may take places in the chunk's top k: ask for that many more, then drop them.
+        wanted = min(k + len(excluded), len(chunk))
+        scores, ids = faiss.knn(queries, chunk, wanted, metric=faiss.METRIC_INNER_PRODUCT)
+        ids += offset
+        scores[np.isin(ids, excluded)] = -np.inf
         best_scores = np.hstack([best_scores, scores])
-        best_ids = np.hstack([best_ids, ids + offset])
+        best_ids = np.hstack([best_ids, ids])
         order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
         best_scores = np.take_along_axis(best_scores, order, axis=1)
         best_ids = np.take_along_axis(best_ids, order, axis=1)
         offset += len(chunk)
     return best_ids
-
-
-def drop_self(ids: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
-    """(Q, k+1) neighbour ids of queries that are themselves indexed → (Q, k) without the query.
-
-    A query finds itself (or, for an approximate index, usually does); recall must be measured on
-    its other neighbours. Rows where the query's own id is absent lose their last column instead.
-    """
-    is_self = ids == self_ids[:, None]
-    first_self = is_self & (np.cumsum(is_self, axis=1) == 1)
-    first_self[~first_self.any(axis=1), -1] = True
-    return ids[~first_self].reshape(len(ids), ids.shape[1] - 1)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

@@ -49,7 +49,7 @@ def built(tmp_path, capsys):
 
 def test_index_build_prints_what_it_built(built):
     tmp_path, _, out = built
-    assert "indexed 1,500 × 16 vectors of model 'open_clip:Tiny-Test' as hnsw (HNSW32); efSearch=" in out
+    assert "indexed 1,500 × 16 vectors of model 'open_clip:Tiny-Test' as hnsw (IDMap,HNSW32); efSearch=" in out
     assert "(target 0.9)" in out and f"saved to {tmp_path / 'index'}" in out
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert (manifest["count"], manifest["dim"], manifest["model"], manifest["kind"]) == (1500, 16, MODEL, "hnsw")
