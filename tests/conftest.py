@@ -43,3 +43,15 @@ def toy_shards(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("toy")
     return make_toy_image_text(root, num_train=320, num_eval=96, image_size=32, seed=0, samples_per_shard=64)
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """FAISS on one OpenMP thread: busy-waiting threads crawl on a shared machine with few cores,
+    and one thread is plenty for test-sized indexes."""
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(previous)

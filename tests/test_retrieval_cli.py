@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -18,13 +17,7 @@ from retrieval.synthetic import ClusteredVectors
 MODEL = "open_clip:Tiny-Test"
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    # Busy-waiting OpenMP threads crawl on a shared machine; one thread is plenty for these sizes.
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def run(*argv: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -20,14 +19,7 @@ DIM = 32
 DATA = ClusteredVectors(dim=DIM, num_clusters=40)
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    # Tests run beside other jobs on few cores; OpenMP threads that busy-wait for each other there
-    # make small FAISS calls hundreds of times slower.
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

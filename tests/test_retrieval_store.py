@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 
@@ -15,13 +14,7 @@ from retrieval.store import MetadataStore
 from retrieval.synthetic import ClusteredVectors
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    # Busy-waiting OpenMP threads crawl on a shared machine; one thread is plenty for these sizes.
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 # ------------------------------------------------------------------------------------ store
