@@ -236,7 +236,8 @@ def test_toy_video_data(toy_video):
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     assert {"eval00000000.mp4", "eval00000000.txt", "eval00000000.json", "eval00000000.cls"} <= set(members)
     meta = json.loads(members["eval00000000.json"])
-    assert meta["class_name"] == toy_video.classnames[meta["label"]] and int(members["eval00000000.cls"]) == meta["label"]
+    assert meta["class_name"] == toy_video.classnames[meta["label"]]
+    assert int(members["eval00000000.cls"]) == meta["label"]
     assert meta["colour"] in members["eval00000000.txt"].decode()
     clip = decoder(train=False, num_frames=4)(members["eval00000000.mp4"], random.Random(0))
     assert clip.shape == (4, 3, 32, 32)
