@@ -15,6 +15,10 @@ CHUNK_ROWS = 65_536
 RECALL_K = 10
 PLATEAU_GAIN = 0.002  # recall gains smaller than this over PLATEAU_STEPS knob steps end the tuning
 PLATEAU_STEPS = 3
+# The tuning queries are a sample of 1000: the recall they measure is off by about ±0.005 from the
+# recall on new queries (a 1M-vector HNSW tuned to exactly 0.950 gave 0.940 on fresh ones), so the
+# tuning aims this far above the target.
+TUNING_MARGIN = 0.005
 
 
 def exact_neighbours(queries: np.ndarray, source: VectorSource, k: int,
@@ -80,7 +84,8 @@ def tune_knob(
     limit: int,
 ) -> TuningResult:
     """The smallest knob value on ``knob_ladder(start, limit)`` whose recall@k against ``truth``
-    reaches ``target``; if none does, the best value seen before recall stopped improving.
+    reaches ``target + TUNING_MARGIN``; if none does, the best value seen before recall stopped
+    improving (``reached`` then says whether that still meets ``target``).
 
     ``search(value)`` returns (Q, k) ids for the tuning queries searched with that knob value.
     """
@@ -92,6 +97,6 @@ def tune_knob(
         steps_without_gain = steps_without_gain + 1 if recall < best.recall + PLATEAU_GAIN else 0
         if recall > best.recall:
             best = TuningResult(value, recall, target, len(truth))
-        if recall >= target or steps_without_gain == PLATEAU_STEPS:
+        if recall >= target + TUNING_MARGIN or steps_without_gain == PLATEAU_STEPS:
             break
     return best

@@ -12,7 +12,7 @@ from clipkit.modalities import FieldDecoder
 from retrieval import IndexFormatError, MemoryBudgetError, MetadataError, RetrievalIndex, parse_memory
 from retrieval.kinds import plan_index
 from retrieval.synthetic import ClusteredVectors
-from retrieval.tuning import exact_neighbours, recall_at_k
+from retrieval.tuning import TUNING_MARGIN, exact_neighbours, recall_at_k, tune_knob
 from retrieval.vectors import ArrayVectors
 
 DIM = 32
@@ -94,6 +94,28 @@ def test_tuning_picks_the_smallest_nprobe_reaching_the_target():
     assert high.manifest.tuning["recall_at_10"] >= 0.9
     assert low.manifest.search["nprobe"] < high.manifest.search["nprobe"]
     assert recall_against_exact(high, vectors, data.sample(50, seed=1)[0]) >= 0.85
+
+
+def test_tuning_aims_a_margin_above_the_target_and_stops_on_a_plateau():
+    truth = np.arange(100 * 10).reshape(100, 10)
+
+    def scripted(recalls: dict[int, float]):
+        # Knob value → ids whose recall@10 against ``truth`` is exactly recalls[value].
+        def search(value: int) -> np.ndarray:
+            found = truth.copy()
+            misses = round((1 - recalls[value]) * truth.size)
+            found.reshape(-1)[:misses] = -1
+            return found
+        return search
+
+    # 0.95 exactly is inside the sampling margin: tuning goes on to the next knob value.
+    result = tune_knob(scripted({1: 0.9, 2: 0.95, 3: 0.96, 4: 0.99}), truth, 0.95, 1, 4)
+    assert (result.value, result.recall, result.reached) == (3, 0.96, True)
+    assert 0.95 + TUNING_MARGIN <= 0.96
+    # A plateau short of the target ends the tuning at the best value, reported as not reached.
+    flat = {1: 0.8, 2: 0.9, 3: 0.901, 4: 0.902, 6: 0.903, 8: 0.99}
+    result = tune_knob(scripted(flat), truth, 0.95, 1, 8)
+    assert (result.value, result.reached) == (6, False)
 
 
 # ------------------------------------------------------------------------------------ kinds and budgets
