@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipkit.config import ExperimentConfig
+from clipkit.config import ExperimentConfig, ModelConfig
 from clipkit.data.pipeline import CLASS_LABEL_FIELD, METADATA_FIELD
 from clipkit.data.toy_worlds import toy_world
 from clipkit.eval.embed import embed_shards
@@ -23,6 +23,19 @@ class QuickstartResult:
     queries: dict[str, list[Hit]]
     checkpoint: Path
     seconds: float
+
+
+def describe_towers(model: ModelConfig) -> str:
+    """What trains against what, e.g. "the image tower + 2-layer text transformer" or "the audio tower
+    against the locked image tower (locked 2-layer text transformer carried along)"."""
+    def tower(name: str) -> str:
+        label = f"{model.text.layers}-layer text transformer" if name == "text" else f"{name} tower"
+        return f"locked {label}" if getattr(model, name).lock else label
+
+    first, second, *others = model.modalities
+    pair = (f"the {tower(second)} against the {tower(first)}" if getattr(model, first).lock
+            else f"the {tower(first)} + {tower(second)}")
+    return f"{pair} ({', '.join(map(tower, others))} carried along)" if others else pair
 
 
 def run_quickstart(
@@ -48,8 +61,8 @@ def run_quickstart(
     config = dataclasses.replace(config, data=data)
 
     trainer = Trainer(config, progress=progress)
-    print(f"[2/4] training the {modality} tower + {config.model.text.layers}-layer text transformer on "
-          f"{trainer.device.type}: {trainer.total_steps} steps of {data.batch_size}")
+    print(f"[2/4] training {describe_towers(config.model)} on {trainer.device.type}: "
+          f"{trainer.total_steps} steps of {data.batch_size}")
     trained = trainer.fit()
     if trained.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; evaluating half a run helps nobody
         raise InterruptedError(f"training stopped by a signal after {trained.steps} steps; "

@@ -15,7 +15,8 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
-from clipkit.config import AudioTowerConfig, ConfigError, ExperimentConfig, ModelConfig, TextTowerConfig
+from clipkit.cli import resolve_config_path
+from clipkit.config import AudioTowerConfig, ConfigError, ExperimentConfig, ModelConfig, TextTowerConfig, load_config
 from clipkit.data.toy_audio import class_names, make_toy_audio_text
 from clipkit.eval.benchmark import evaluate_zeroshot
 from clipkit.eval.datasets import shard_batches
@@ -183,5 +184,7 @@ def test_make_toy_follows_the_config(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.joinpath("audio").glob("*.tar")) == [
         "eval-000000.tar", "eval-000001.tar", "train-000000.tar", "train-000001.tar"]
     assert toy_world(tiny_audio_config()).name == "audio-text"
+    binding = load_config(resolve_config_path("configs/toy-image-audio.yaml")).model
+    assert toy_world(binding).name == "image-audio"
     with pytest.raises(ValueError, match="toy data pairs text with one of"):
         toy_world(dataclasses.replace(tiny_audio_config(), modalities=("audio", "image")))

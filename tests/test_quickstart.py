@@ -11,7 +11,7 @@ import pytest
 from clipkit.cli import QUICKSTART_CONFIG, resolve_config_path
 from clipkit.config import load_config
 from clipkit.data.toy_worlds import TOY_WORLDS
-from clipkit.quickstart import run_quickstart
+from clipkit.quickstart import describe_towers, run_quickstart
 
 QUERIES = TOY_WORLDS["image"].queries
 
@@ -48,3 +48,12 @@ def test_quickstart_command_rejects_a_bad_override(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "unknown key 'train.lrr'" in run.stderr and "did you mean 'train.lr'" in run.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name, described", [
+    ("toy-image-text", "the image tower + 2-layer text transformer"),
+    ("toy-video-text", "the video tower + 2-layer text transformer"),
+    ("toy-image-audio", "the audio tower against the locked image tower (locked 2-layer text transformer carried along)"),
+])
+def test_quickstart_says_what_trains_against_what(name: str, described: str) -> None:
+    assert describe_towers(load_config(REPO / "configs" / f"{name}.yaml").model) == described

@@ -73,8 +73,9 @@ TOY_WORLDS = {
 
 def toy_world(model: ModelConfig) -> ToyWorld:
     """The toy world of a model: text with one of image, audio, video; or image, audio and text."""
-    others = "-".join(sorted(name for name in model.modalities if name != "text"))
-    if "text" not in model.modalities or others not in TOY_WORLDS:
-        raise ValueError(f"toy data pairs text with one of image, audio, video, or binds audio to image "
-                         f"(image, audio, text); model.modalities is {list(model.modalities)}")
-    return TOY_WORLDS[others]
+    others = {name for name in model.modalities if name != "text"}
+    for key, world in TOY_WORLDS.items():
+        if "text" in model.modalities and set(key.split("-")) == others:
+            return world
+    raise ValueError(f"toy data pairs text with one of image, audio, video, or binds audio to image "
+                     f"(image, audio, text); model.modalities is {list(model.modalities)}")
