@@ -53,7 +53,8 @@ def test_quickstart_command_rejects_a_bad_override(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name, described", [
     ("toy-image-text", "the image tower + 2-layer text transformer"),
     ("toy-video-text", "the video tower + 2-layer text transformer"),
-    ("toy-image-audio", "the audio tower against the locked image tower (locked 2-layer text transformer carried along)"),
+    ("toy-image-audio",
+     "the audio tower against the locked image tower (locked 2-layer text transformer carried along)"),
 ])
 def test_quickstart_says_what_trains_against_what(name: str, described: str) -> None:
     assert describe_towers(load_config(REPO / "configs" / f"{name}.yaml").model) == described
