@@ -128,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from clipkit.train.trainer import Trainer
 
     config = _load(args, [f"train.resume={args.resume}"] if args.resume else [])
+    trainer = None
     try:
         trainer = Trainer(config)
         result = trainer.fit()
@@ -137,6 +138,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                   f"final loss {result.final_loss:.4f}; skipped samples: {result.skipped}")
             print(f"checkpoint: {result.checkpoint}")
     finally:
+        if trainer is not None:
+            trainer.close()
         shutdown_distributed()
 
 

@@ -41,6 +41,7 @@ def main(config_path: str, batch_path: str, out_path: str) -> None:
     loss, grads = run_step(trainer, local)
     if trainer.dist.is_main:
         torch.save({"loss": loss, "grads": grads}, out_path)
+    trainer.close()
     shutdown_distributed()
 
 

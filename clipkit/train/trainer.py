@@ -297,6 +297,17 @@ class Trainer:
         self.model.clamp_logit_scale_()
         return loss.detach()
 
+    def close(self) -> None:
+        """Release the DDP wrapper; call it before ``shutdown_distributed``.
+
+        DDP's reducer holds the process group. Freed after ``destroy_process_group``, it is the last
+        owner and tears the gloo group down while holding the GIL, which deadlocks against a gloo
+        thread that is freeing a Python-owned tensor (seen as a torchrun rank that never exits).
+        Freed first, it only drops a reference; the group then goes down in ``destroy_process_group``
+        once the final barrier has drained every thread's work.
+        """
+        self.ddp_model = self.model
+
     # --- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
