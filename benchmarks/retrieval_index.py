@@ -150,7 +150,8 @@ def report(rows: dict[str, dict], num_vectors: int, dim: int) -> None:
             ("index size / raw", auto["index_bytes"] / raw, "≤ 0.125",
              auto["index_bytes"] / raw <= TARGETS["size_ratio"]),
         ]
-        print(f"\nauto ({auto['factory']}, tuning {auto['tuning']}) against the targets (set for 1,000,000 vectors):")
+        print(f"\nauto ({auto['factory']}, tuning {auto['tuning']}) against the targets "
+              "(set for 1,000,000 vectors):")
         for label, value, target, met in checks:
             print(f"  {label:<24} {value:>8.3f}   target {target:<7} {'met' if met else 'NOT met'}")
 

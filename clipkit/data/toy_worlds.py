@@ -73,9 +73,10 @@ TOY_WORLDS = {
 
 def toy_world(model: ModelConfig) -> ToyWorld:
     """The toy world of a model: text with one of image, audio, video; or image, audio and text."""
-    others = {name for name in model.modalities if name != "text"}
-    for key, world in TOY_WORLDS.items():
-        if "text" in model.modalities and set(key.split("-")) == others:
-            return world
+    if "text" in model.modalities:
+        others = set(model.modalities) - {"text"}
+        for key, world in TOY_WORLDS.items():
+            if set(key.split("-")) == others:
+                return world
     raise ValueError(f"toy data pairs text with one of image, audio, video, or binds audio to image "
                      f"(image, audio, text); model.modalities is {list(model.modalities)}")
