@@ -88,7 +88,8 @@ def output_statistics(shards: list[str], count: int) -> dict[str, dict[str, list
 
 def measure_clipkit(pattern: str, workers: int, batch_size: int, warmup: int, timed: int) -> dict[str, Any]:
     from clipkit.config import AugmentConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
-    from clipkit.data.pipeline import ShardStream, build_loader, shard_sources
+    from clipkit.data.pipeline import ShardStream, build_loader
+    from clipkit.data.shards import shard_sources
     from clipkit.modalities import get_modality
 
     model = ModelConfig(image=ImageTowerConfig(image_size=IMAGE_SIZE), text=TextTowerConfig(context_length=CONTEXT_LENGTH))

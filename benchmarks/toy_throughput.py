@@ -16,7 +16,8 @@ import torch
 
 from clipkit.cli import resolve_config_path
 from clipkit.config import load_config
-from clipkit.data.pipeline import ShardStream, build_loader, expand_shards
+from clipkit.data.pipeline import ShardStream, build_loader
+from clipkit.data.shards import expand_shards
 from clipkit.data.toy import make_toy_image_text
 from clipkit.modalities import get_modality
 from clipkit.train.trainer import Trainer

@@ -1,5 +1,9 @@
 """The ``clipkit`` command: make-toy, make-shards, train, eval, embed, index, search, export-open-clip,
-quickstart."""
+quickstart, configs.
+
+Building the parser imports nothing heavy (no torch, timm, open_clip or FAISS): ``clipkit --help``
+answers at once, and each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +14,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from clipkit.config import ConfigError, ExperimentConfig, load_config
-from clipkit.eval.datasets import CLASSNAMES_FILE, TEMPLATES_FILE
+from clipkit import __version__
+from clipkit.config import ConfigError, ExperimentConfig, bundled_configs, load_config, resolve_config_path
+from clipkit.errors import ClipkitError, PretrainedWeightsError
+from clipkit.eval.layout import CLASSNAMES_FILE, TEMPLATES_FILE
 from clipkit.eval.templates import BUILTIN_TEMPLATES
-from clipkit.pretrained import PretrainedWeightsError
 from retrieval.cli import add_index_commands
 
 DEFAULT_CACHE = Path(os.environ.get("CLIPKIT_CACHE", Path.home() / ".cache" / "clipkit"))
 QUICKSTART_CONFIG = "configs/toy-image-text.yaml"
-
-
-def resolve_config_path(path: str) -> Path:
-    """A config path as given, or else relative to the clipkit source tree (for the bundled configs)."""
-    given = Path(path)
-    if given.is_file() or given.is_absolute():
-        return given
-    bundled = Path(__file__).resolve().parent.parent / path
-    return bundled if bundled.is_file() else given
 
 
 def _load(args: argparse.Namespace, extra_overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -34,11 +30,24 @@ def _load(args: argparse.Namespace, extra_overrides: Sequence[str] = ()) -> Expe
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None) -> None:
-    parser.add_argument("--config", required=default is None, default=default, help="YAML config file")
+    parser.add_argument("--config", required=default is None, default=default,
+                        help="YAML config file, or the name of a bundled one (see `clipkit configs`)"
+                             + (f"; default {default}" if default else ""))
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
     )
+
+
+def _add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def cmd_configs(args: argparse.Namespace) -> None:
+    for path in bundled_configs():
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        print(f"configs/{path.name:<28} {first.lstrip('# ')}")
+    print(f"(bundled in {bundled_configs()[0].parent}; any command's --config takes these names from any folder)")
 
 
 def cmd_make_toy(args: argparse.Namespace) -> None:
@@ -61,6 +70,7 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
         result = make_shards(
             args.input, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
             workers=args.workers, image_col=args.image_col, caption_col=args.caption_col,
+            label_col=args.label_col, classnames_file=args.classnames, class_folders=args.class_folders,
             progress=not args.no_progress,
         )
     except MakeShardsError as err:
@@ -90,7 +100,7 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
         templates=args.templates, batch_size=args.batch_size, num_workers=args.num_workers,
         cache=None if args.no_cache else ClassifierCache(DEFAULT_CACHE / "zeroshot-classifiers"),
         confusion_png=args.confusion_matrix, path_col=args.path_col, label_col=args.label_col,
-        progress=not args.no_progress,
+        split=args.split, progress=not args.no_progress,
     )
     _print_report(report, args.output)
 
@@ -101,7 +111,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     report = evaluate_retrieval(
         _encoder(args), args.dataset, modality=args.modality, batch_size=args.batch_size,
         num_workers=args.num_workers, path_col=args.path_col, caption_col=args.caption_col,
-        progress=not args.no_progress,
+        split=args.split, progress=not args.no_progress,
     )
     _print_report(report, args.output)
 
@@ -111,8 +121,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
     summary = embed_to_dir(_encoder(args), args.modality, args.dataset, args.out, batch_size=args.batch_size,
                            progress=not args.no_progress)
-    print(f"{summary.vectors} {args.modality} vectors in {summary.shards_written} new part(s) "
-          f"({summary.shards_skipped} already done, {summary.failed_samples} samples failed) in {args.out}")
+    print(summary.describe(args.modality, args.out))
 
 
 def cmd_export_open_clip(args: argparse.Namespace) -> None:
@@ -130,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = _load(args, [f"train.resume={args.resume}"] if args.resume else [])
     trainer = None
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config, progress=not args.no_progress)
         result = trainer.fit()
         if trainer.dist.is_main:
             verb = "stopped by signal after" if result.interrupted else "trained"
@@ -161,27 +170,33 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", help="open_clip weights: a local file or a zoo tag already in the "
                         "Hugging Face cache")
     parser.add_argument("--allow-download", action="store_true", help="let open_clip fetch a zoo tag's weights")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
+
+
+def _add_dataset_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--dataset", required=True, help=what)
+    parser.add_argument("--split", default="test",
+                        help="with a CLIP_benchmark dataset folder (ROOT/SPLIT/0.tar ...), the split to read "
+                             "(default: test)")
 
 
 def _add_eval_io_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--modality", default="image", help="the modality of the samples")
+    parser.add_argument("--modality", default="image", help="the modality of the samples (default: image)")
     parser.add_argument("--path-col", help="CSV column with the file path (default: path / filepath / image)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="data-loader processes that decode samples (default: 0, in the main process)")
     parser.add_argument("--output", help="write the results as JSON here")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    _add_progress_arg(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipkit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clipkit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    configs = sub.add_parser("configs", help="list the bundled configs (usable by name from any folder)")
+    configs.set_defaults(func=cmd_configs)
 
     toy = sub.add_parser("make-toy", help="write procedural image-, audio- or video-caption webdataset shards "
                          "for a config's modalities (sizes, sample rate, frames from the config)")
@@ -189,40 +204,53 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", help="output folder (default: toy-data/WORLD, e.g. toy-data/audio-text)")
     toy.add_argument("--num-train", type=int, help="training samples (default: the modality's toy size)")
     toy.add_argument("--num-eval", type=int, help="held-out samples (default: the modality's toy size)")
-    toy.add_argument("--samples-per-shard", type=int, default=1000)
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default: 1000)")
+    toy.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical shards (default: 0)")
     toy.set_defaults(func=cmd_make_toy)
 
-    shards = sub.add_parser("make-shards", help="convert images + captions into webdataset shards")
+    shards = sub.add_parser("make-shards", help="convert images + captions (or class labels) into webdataset shards")
     shards.add_argument("--input", required=True,
-                        help="a folder of images with sidecar .txt captions, or a .csv, .tsv or .jsonl file")
+                        help="a folder of images with sidecar .txt captions (with --class-folders: one "
+                             "sub-folder per class), or a .csv, .tsv or .jsonl file")
     shards.add_argument("--out", required=True, help="output folder")
-    shards.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ...")
-    shards.add_argument("--samples-per-shard", type=int, default=10_000)
+    shards.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ... (default: train)")
+    shards.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per tar (default: 10000)")
     shards.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all CPUs)")
-    shards.add_argument("--image-col", default="image", help="CSV/TSV/JSONL column with the image path")
-    shards.add_argument("--caption-col", default="caption", help="CSV/TSV/JSONL column with the caption")
-    shards.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    shards.add_argument("--image-col", default="image",
+                        help="CSV/TSV/JSONL column with the image path (default: image)")
+    shards.add_argument("--caption-col",
+                        help="CSV/TSV/JSONL column with the caption, or a list of captions (default: caption; "
+                             "optional with --label-col)")
+    shards.add_argument("--label-col", help="CSV/TSV/JSONL column with a class name or class index: writes "
+                        f"KEY.cls and {CLASSNAMES_FILE} (a zero-shot evaluation set)")
+    shards.add_argument("--classnames", help="one class name per line, in class-index order: needed for class "
+                        "indices, and fixes the order of class names")
+    shards.add_argument("--class-folders", action="store_true",
+                        help="the input folder holds one sub-folder per class (ImageNet's layout, "
+                             "ROOT/CLASS/x.jpg): writes KEY.cls and classnames.txt; captions are optional")
+    _add_progress_arg(shards)
     shards.set_defaults(func=cmd_make_shards)
 
     train = sub.add_parser("train", help="train a contrastive model on webdataset shards")
     _add_config_args(train, default=None)
     train.add_argument("--resume", metavar="latest|PATH",
                        help="continue from the newest checkpoint in train.output_dir, or from a checkpoint file")
+    _add_progress_arg(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a clipkit or open_clip model").add_subparsers(
         dest="task", required=True)
     zeroshot = evaluate.add_parser("zeroshot", help="zero-shot classification")
     _add_model_args(zeroshot)
-    zeroshot.add_argument("--dataset", required=True,
-                          help="shards with a cls member per sample (brace pattern or folder of .tar), "
-                               "a folder with one sub-folder per class, or a CSV of path,label")
-    zeroshot.add_argument("--classnames", help="one class name per line, in class-index order "
-                          f"(default: {CLASSNAMES_FILE} beside shards, folder names, or the CSV's labels)")
-    zeroshot.add_argument("--templates", help=f"a file with one {{}} template per line or a built-in set "
-                          f"({', '.join(BUILTIN_TEMPLATES)}); default: {TEMPLATES_FILE} beside the "
-                          "dataset, else the modality's built-in set")
+    _add_dataset_arg(zeroshot, "shards with a cls member per sample (brace pattern, folder of .tar or a "
+                               "CLIP_benchmark dataset folder), a folder with one sub-folder per class, or a CSV "
+                               "of path,label")
+    zeroshot.add_argument("--classnames", help="one class name per line, in class-index order (default: "
+                          f"{CLASSNAMES_FILE} beside the shards or one folder up, the folder names, or the CSV's "
+                          "labels); class folders are matched to these names by name")
+    zeroshot.add_argument("--templates", help="a file with one template per line ({} or {c} where the class "
+                          f"name goes) or a built-in set ({', '.join(BUILTIN_TEMPLATES)}); default: "
+                          f"{TEMPLATES_FILE} beside the dataset or one folder up, else the modality's built-in set")
     zeroshot.add_argument("--label-col", help="CSV column with the label (default: label / class / cls)")
     zeroshot.add_argument("--confusion-matrix", metavar="PNG", help="also draw the confusion matrix here")
     zeroshot.add_argument("--no-cache", action="store_true",
@@ -233,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     retrieval = evaluate.add_parser("retrieval", help="image-text (or audio-text, ...) retrieval recall@k")
     _add_model_args(retrieval)
-    retrieval.add_argument("--dataset", required=True,
-                           help="shards whose txt member holds a caption or a JSON list of captions, or a "
-                                "CSV of path,caption (a path on several rows has several captions)")
+    _add_dataset_arg(retrieval, "shards whose txt member holds one caption per line (or a JSON list), a "
+                                "CLIP_benchmark retrieval folder, or a CSV of path,caption (a path on several "
+                                "rows has several captions)")
     retrieval.add_argument("--caption-col", help="CSV column with the caption (default: caption / text)")
     _add_eval_io_args(retrieval)
     retrieval.set_defaults(func=cmd_eval_retrieval)
@@ -244,10 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(embed)
     embed.add_argument("--dataset", required=True,
                        help="shards (brace pattern or folder of .tar) or a folder of files (sidecar .txt captions)")
-    embed.add_argument("--out", required=True, help="embeddings folder (resumes: finished shards are kept)")
-    embed.add_argument("--modality", default="image", help="the modality to embed")
-    embed.add_argument("--batch-size", type=int, default=256)
-    embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    embed.add_argument("--out", required=True,
+                       help="embeddings folder; parts already there are kept and new ones added")
+    embed.add_argument("--modality", default="image", help="the modality to embed (default: image)")
+    embed.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
+    _add_progress_arg(embed)
     embed.set_defaults(func=cmd_embed)
     add_index_commands(sub)
 
@@ -261,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the toy shards are kept")
     quick.add_argument("--num-train", type=int, help="training samples (default: the modality's toy size)")
     quick.add_argument("--num-eval", type=int, help="held-out samples (default: the modality's toy size)")
-    quick.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_progress_arg(quick)
     quick.set_defaults(func=cmd_quickstart)
     return parser
 
@@ -283,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InterruptedError as err:
         print(f"clipkit: {err}", file=sys.stderr)
         return 130
-    except ValueError as err:  # bad input: class names that do not match the labels, a wrong CSV column, ...
+    except (ValueError, ClipkitError) as err:  # bad input: class names that do not match, a wrong column, ...
         print(f"clipkit: {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

@@ -304,6 +304,36 @@ class ExperimentConfig:
         return _to_builtin(dataclasses.asdict(self))
 
 
+def bundled_configs_dir() -> Path:
+    """The configs that ship with clipkit: ``clipkit/configs/`` in an installed wheel, the repository's
+    top-level ``configs/`` in a source checkout (an editable install)."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "configs", package.parent / "configs"):
+        if folder.is_dir():
+            return folder
+    raise ConfigError(f"clipkit's bundled configs are missing (looked in {package / 'configs'}): reinstall clipkit")
+
+
+def bundled_configs() -> list[Path]:
+    """The bundled config files, by name."""
+    return sorted(bundled_configs_dir().glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file as given (relative to the current folder), or else the bundled config of that
+    file name: ``configs/toy-image-text.yaml``, ``toy-image-text.yaml`` and ``toy-image-text`` all
+    name the bundled quickstart config from any folder."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml"
+    bundled = bundled_configs_dir() / name
+    if not given.is_absolute() and bundled.is_file():
+        return bundled
+    names = ", ".join(p.name for p in bundled_configs())
+    raise ConfigError(f"config file not found: {given} (nor a bundled config of that name; bundled: {names})")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML config file and apply ``key.path=value`` overrides on top of it.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping, Sequence
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.config import ModelConfig
+from clipkit.fingerprint import weights_fingerprint
 from clipkit.modalities import FieldDecoder, get_modality
 from clipkit.modalities.text import tokenize
 
@@ -105,6 +107,24 @@ class ContrastiveModel(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unit-norm features (B, embed_dim) for every modality of the batch the model has a tower for."""
         return {name: self.encode(name, batch[name]) for name in self.modalities if name in batch}
+
+    def fingerprint(self) -> str:
+        """The identity of this model's embeddings (:mod:`clipkit.fingerprint`): its weights and the
+        config that shapes its towers and preprocessing. Where initial weights came from
+        (``pretrained_file``, ``init_towers``) and which towers were locked do not count: the same
+        weights embed the same way whatever produced them."""
+        identity = self.config_identity()
+        return weights_fingerprint(self, {"clipkit": identity})
+
+    def config_identity(self) -> dict:
+        """The model config without the keys that only say how the weights were obtained."""
+        config = dataclasses.asdict(self.config)
+        config.pop("init_towers", None)
+        for section in config.values():
+            if isinstance(section, dict):
+                for key in ("pretrained", "pretrained_file", "lock"):
+                    section.pop(key, None)
+        return config
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

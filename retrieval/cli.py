@@ -44,7 +44,7 @@ def add_index_commands(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--model", help="the model that embeds the query: a clipkit checkpoint or "
                         "open_clip:ARCH (default: the model the index was built with)")
     search.add_argument("--pretrained", help="open_clip weights: a local file or a zoo tag")
-    search.add_argument("--device", default="cpu")
+    search.add_argument("--device", default="cpu", help="where the query model runs: cpu, cuda, cuda:N or auto")
     search.add_argument("--k", type=int, default=10, help="hits per query")
     search.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
                         help="only hits whose metadata FIELD equals VALUE (a JSON number, true/false, or "

@@ -3,13 +3,18 @@
 Layout::
 
     EMBEDDINGS_DIR/
-      manifest.json        {"model": str, "modality": str, "dim": int, "shards": [stem, ...]}
-      <stem>.npy           float32 (N, dim) unit-norm vectors of one shard
+      manifest.json        {"model": str, "modality": str, "dim": int, "shards": [stem, ...],
+                            "counts": [N, ...], "sources": [path, ...], "model_fingerprint": str,
+                            "model_spec": {"model": str, "pretrained": str | null}}
+      <stem>.npy           float32 (N, dim) unit-norm vectors of one shard (or part)
       <stem>.jsonl         N lines, one JSON object of metadata per vector, in the same order
 
 Row i of the concatenation of the shards, in manifest order, is vector id i of an index built from
 the directory. A shard's ``.npy`` is written last (both files by temporary file and rename), so
-a shard whose ``.npy`` exists is complete; the manifest is written once every shard is.
+a shard whose ``.npy`` exists is complete; the manifest lists only complete shards and is rewritten
+as each is added. ``counts`` (each shard's vector count), ``sources`` (where its samples came from),
+``model_fingerprint`` (the identity of the model's weights) and ``model_spec`` (how to load the
+model again) are written by ``clipkit embed``; a directory without them still reads.
 """
 
 from __future__ import annotations
@@ -37,12 +42,26 @@ class EmbeddingsFormatError(ValueError):
 
 @dataclass(frozen=True)
 class EmbeddingsManifest:
-    """Which model embedded which modality into ``dim``-d vectors, and the shard stems in order."""
+    """Which model embedded which modality into ``dim``-d vectors, and the shard stems in order, with
+    (optionally) each shard's vector count and source, the model's fingerprint and how to load it."""
 
     model: str
     modality: str
     dim: int
     shards: tuple[str, ...]
+    counts: tuple[int, ...] | None = None
+    sources: tuple[str, ...] | None = None
+    model_fingerprint: str | None = None
+    model_spec: dict[str, str | None] | None = None
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {"model": self.model, "modality": self.modality, "dim": self.dim,
+                                "shards": list(self.shards)}
+        optional = {"counts": self.counts, "sources": self.sources, "model_fingerprint": self.model_fingerprint,
+                    "model_spec": self.model_spec}
+        data.update({key: list(value) if isinstance(value, tuple) else value
+                     for key, value in optional.items() if value is not None})
+        return json.dumps(data, indent=2) + "\n"
 
 
 class ShardedVectors:
@@ -99,7 +118,22 @@ def _read_manifest(directory: Path) -> EmbeddingsManifest:
             raise EmbeddingsFormatError(f"{path}: {key!r} must be a {expected.__name__}")
     if data["dim"] < 1 or not all(isinstance(stem, str) and stem for stem in data["shards"]):
         raise EmbeddingsFormatError(f"{path}: dim must be positive and shards a list of file stems")
-    return EmbeddingsManifest(data["model"], data["modality"], data["dim"], tuple(data["shards"]))
+    if len(set(data["shards"])) != len(data["shards"]):
+        raise EmbeddingsFormatError(f"{path} lists a shard twice")
+    per_shard = {}
+    for key, kind in (("counts", int), ("sources", str)):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) != len(data["shards"])
+                                  or not all(isinstance(v, kind) for v in value)):
+            raise EmbeddingsFormatError(f"{path}: {key!r} must be a list of one {kind.__name__} per shard")
+        per_shard[key] = tuple(value) if value is not None else None
+    fingerprint, spec = data.get("model_fingerprint"), data.get("model_spec")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise EmbeddingsFormatError(f"{path}: 'model_fingerprint' must be a string")
+    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("model"), str)):
+        raise EmbeddingsFormatError(f"{path}: 'model_spec' must be an object with a 'model' string")
+    return EmbeddingsManifest(data["model"], data["modality"], data["dim"], tuple(data["shards"]),
+                              per_shard["counts"], per_shard["sources"], fingerprint, spec)
 
 
 def _count_lines(path: Path) -> int:
@@ -111,7 +145,7 @@ def _count_lines(path: Path) -> int:
     return count + (last != b"\n")
 
 
-def _open_shard(directory: Path, stem: str, dim: int) -> np.ndarray:
+def _open_shard(directory: Path, stem: str, dim: int, count: int | None) -> np.ndarray:
     vectors_path, metadata_path = directory / f"{stem}.npy", directory / f"{stem}.jsonl"
     if not vectors_path.is_file():
         raise EmbeddingsFormatError(f"shard {stem!r} has no {vectors_path.name} in {directory} "
@@ -128,6 +162,9 @@ def _open_shard(directory: Path, stem: str, dim: int) -> np.ndarray:
     lines = _count_lines(metadata_path)
     if lines != len(array):
         raise EmbeddingsFormatError(f"shard {stem!r}: {len(array)} vectors but {lines} metadata lines")
+    if count is not None and count != len(array):
+        raise EmbeddingsFormatError(f"shard {stem!r}: {vectors_path.name} holds {len(array)} vectors, but the "
+                                    f"manifest recorded {count} when it was written: replaced or truncated")
     return array
 
 
@@ -153,7 +190,14 @@ def read_embeddings_dir(path: str | Path) -> Embeddings:
     if not directory.is_dir():
         raise FileNotFoundError(f"no embeddings directory at {directory}")
     manifest = _read_manifest(directory)
-    arrays = [_open_shard(directory, stem, manifest.dim) for stem in manifest.shards]
+    unlisted = sorted({path.stem for path in directory.glob("*.npy")} - set(manifest.shards))
+    if unlisted:
+        raise EmbeddingsFormatError(
+            f"{directory} holds vectors that its manifest does not list ({', '.join(unlisted[:5])}"
+            f"{' ...' if len(unlisted) > 5 else ''}): an interrupted `clipkit embed` (run it again to finish) "
+            "or files copied in by hand; indexing only the listed ones would silently drop them")
+    counts = manifest.counts or (None,) * len(manifest.shards)
+    arrays = [_open_shard(directory, stem, manifest.dim, count) for stem, count in zip(manifest.shards, counts)]
     if not arrays or sum(len(array) for array in arrays) == 0:
         raise EmbeddingsFormatError(f"{directory} holds no vectors")
     return Embeddings(ShardedVectors(arrays, manifest.shards), _metadata(directory, manifest.shards), manifest)
@@ -182,7 +226,15 @@ def write_embedding_shard(
     atomic_write(directory / f"{stem}.npy", lambda file: np.save(file, array))
 
 
-def write_manifest(directory: str | Path, model: str, modality: str, dim: int, shards: Sequence[str]) -> None:
-    """Write ``manifest.json`` (atomically) once all ``shards`` are written."""
-    text = json.dumps({"model": model, "modality": modality, "dim": dim, "shards": list(shards)}, indent=2)
-    atomic_write_text(Path(directory) / MANIFEST_FILE, text + "\n")
+def write_manifest(directory: str | Path, model: str, modality: str, dim: int, shards: Sequence[str],
+                   **details: Any) -> None:
+    """Write ``manifest.json`` (atomically) listing ``shards``, which must all be written;
+    ``details`` are the optional fields of :class:`EmbeddingsManifest`."""
+    details = {key: tuple(value) if isinstance(value, list) else value for key, value in details.items()}
+    manifest = EmbeddingsManifest(model, modality, dim, tuple(shards), **details)
+    atomic_write_text(Path(directory) / MANIFEST_FILE, manifest.to_json())
+
+
+def read_manifest(path: str | Path) -> EmbeddingsManifest:
+    """The manifest of an embeddings directory (``EmbeddingsFormatError`` if it has none or it is bad)."""
+    return _read_manifest(Path(path))

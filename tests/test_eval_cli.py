@@ -203,3 +203,88 @@ def test_cli_zeroshot_and_retrieval(toy_shards, checkpoint, folder_dataset, tmp_
     wrong_column = subprocess.run([*base, "zeroshot", *model, "--no-cache", "--dataset", str(folder_dataset / "labels.csv"),
                                    "--label-col", "klass"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert wrong_column.returncode == 2 and "has no klass column" in wrong_column.stderr
+
+
+def test_class_folders_are_matched_to_given_class_names_by_name(toy_shards, checkpoint, folder_dataset, tmp_path):
+    encoder = load_encoder(str(checkpoint))
+    plain = evaluate_zeroshot(encoder, str(folder_dataset / "images"), templates="photo")
+    # The same names in another order, other case, with spaces: matched by name, not by position.
+    shuffled = sorted(toy_shards.classnames, key=lambda name: name[::-1])
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"{name.upper()}\n" for name in shuffled) + "purple hexagon\n")
+    matched = evaluate_zeroshot(encoder, str(folder_dataset / "images"), templates="photo", classnames_file=names)
+    assert matched.details["classes"] == 25  # a name without a folder stays a class of the classifier
+    per_class = {name.lower(): recall for name, recall in matched.metrics["per_class_recall"].items()}
+    for name, recall in plain.metrics["per_class_recall"].items():
+        assert per_class[name] == pytest.approx(recall)
+    # A folder → class name mapping, for folders named by ids.
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({name.replace(" ", "_"): f"a {name}" for name in toy_shards.classnames}))
+    mapped = evaluate_zeroshot(encoder, str(folder_dataset / "images"), templates="photo", classnames_file=mapping)
+    assert list(mapped.metrics["per_class_recall"]) == [f"a {name}" for name in sorted(toy_shards.classnames)]
+    # Names that do not match every folder stop the run, naming the folders.
+    partial = tmp_path / "partial.txt"
+    partial.write_text("\n".join(toy_shards.classnames[:20]))
+    done = subprocess.run([sys.executable, "-m", "clipkit", "eval", "zeroshot", "--model", str(checkpoint),
+                           "--no-progress", "--no-cache", "--dataset", str(folder_dataset / "images"),
+                           "--classnames", str(partial)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2 and "4 of the 24 class folders match no class name" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def clip_benchmark_layout(root: Path, toy_shards, retrieval: bool) -> Path:
+    """A CLIP_benchmark dataset folder as its builder writes it: ROOT/test/0.tar ... and nshards.txt,
+    classnames.txt and {c} templates (or dataset_type.txt 'retrieval') in ROOT, captions one per line."""
+    samples = shard_members(toy_shards.eval_shards)
+    (root / "test").mkdir(parents=True)
+    for shard in range(2):
+        with tarfile.open(root / "test" / f"{shard}.tar", "w") as tar:
+            for i, sample in enumerate(samples[shard * 48:(shard + 1) * 48]):
+                name = toy_shards.classnames[int(sample["cls"])]
+                second = ("txt", f"{sample['txt'].decode()}\na {name}\nan image of a {name}".encode())
+                for ext, data in (("webp", sample["jpg"]), second if retrieval else ("cls", sample["cls"])):
+                    info = tarfile.TarInfo(f"s{shard * 48 + i:07d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (root / "test" / "nshards.txt").write_text("2\n")
+    if retrieval:
+        (root / "dataset_type.txt").write_text("retrieval\n")
+    else:
+        (root / "classnames.txt").write_text("\n".join(toy_shards.classnames) + "\n")
+        (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na drawing of a {c}.\n")
+    return root
+
+
+def test_clip_benchmark_folders_read_as_they_are(toy_shards, checkpoint, tmp_path):
+    encoder = load_encoder(str(checkpoint))
+    classification = clip_benchmark_layout(tmp_path / "cls", toy_shards, retrieval=False)
+    expected = evaluate_zeroshot(encoder, toy_shards.shard_pattern("eval"),
+                                 templates=str(tmp_path / "cls" / "zeroshot_classification_templates.txt"))
+    for spec in (str(classification), str(classification / "test"), str(classification / "test" / "{0..1}.tar")):
+        report = evaluate_zeroshot(encoder, spec)
+        assert (report.num_samples, report.details["classes"], report.details["templates"]) == (96, 24, 2)
+        assert report.metrics["acc1"] == pytest.approx(expected.metrics["acc1"])
+    with pytest.raises(Exception, match="none in 'train': pass --split"):
+        evaluate_zeroshot(encoder, str(classification), split="train")
+    retrieval = clip_benchmark_layout(tmp_path / "ret", toy_shards, retrieval=True)
+    report = evaluate_retrieval(encoder, str(retrieval))
+    assert (report.num_samples, report.details["texts"]) == (96, 288)  # three captions per image, one per line
+    with pytest.raises(Exception, match="is a retrieval dataset .*`clipkit eval retrieval`"):
+        evaluate_zeroshot(encoder, str(retrieval))
+
+
+def test_shards_without_class_labels_say_so_once(toy_shards, checkpoint, tmp_path):
+    shard = tmp_path / "nolabels-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, sample in enumerate(shard_members(toy_shards.eval_shards)[:20]):
+            for ext in ("jpg", "txt"):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(sample[ext])
+                tar.addfile(info, io.BytesIO(sample[ext]))
+    (tmp_path / "classnames.txt").write_text("\n".join(toy_shards.classnames))
+    done = subprocess.run([sys.executable, "-m", "clipkit", "eval", "zeroshot", "--model", str(checkpoint),
+                           "--no-progress", "--no-cache", "--dataset", str(shard)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "have no cls member" in done.stderr and "make-shards --label-col" in done.stderr
+    assert done.stderr.count("WARNING") == 0

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from clipkit.data.make_shards import MakeShardsError, make_shards
-from clipkit.data.pipeline import METADATA_FIELD, ShardStream, build_loader, count_samples
+from clipkit.data.pipeline import METADATA_FIELD, ShardStream, build_loader
+from clipkit.data.shards import count_samples
 from clipkit.modalities import get_modality
 from tests.conftest import tiny_model_config
 
@@ -267,3 +268,103 @@ def test_img2dataset_shards_are_read_as_they_are(tmp_path):
     assert image.shape == (8, 3, 32, 32) and image.dtype == torch.uint8
     assert text.shape == (8, 16) and (text != 0).sum(dim=1).min() > 2
     assert image[:, 1].float().mean() > 150
+
+
+def test_several_captions_are_written_one_per_line_and_read_back_as_several(tmp_path):
+    save_image(tmp_path / "cat.png", (10, 20, 30), "PNG")
+    save_image(tmp_path / "dog.png", (30, 20, 10), "PNG")
+    lines = [
+        {"image": "cat.png", "caption": ["a cat", "a grey\ncat", "  "]},  # a list; a newline inside one caption
+        {"image": "dog.png", "caption": "a dog"},
+    ]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = make_shards(jsonl, tmp_path / "out", progress=False)
+    members = tar_members(result.shards[0])
+    assert members["000000000.txt"] == b"a cat\na grey cat"  # not "['a cat', ...]"
+    assert json.loads(members["000000000.json"])["captions"] == ["a cat", "a grey cat"]
+    assert json.loads(members["000000000.json"])["caption"] == "a cat"
+    assert members["000000001.txt"] == b"a dog" and "captions" not in json.loads(members["000000001.json"])
+    # A sidecar caption file with two lines is two captions, as CLIP_benchmark writes them.
+    folder = tmp_path / "folder"
+    save_image(folder / "x.jpg", (1, 2, 3), "JPEG")
+    (folder / "x.txt").write_text("a small square\na dark square\n")
+    shard = make_shards(folder, tmp_path / "out2", progress=False).shards[0]
+    assert json.loads(tar_members(shard)["000000000.json"])["captions"] == ["a small square", "a dark square"]
+
+    from clipkit.eval.datasets import CAPTIONS_FIELD
+    stream = ShardStream([str(p) for p in result.shards], [CAPTIONS_FIELD], 8, train=False)
+    (batch,) = list(build_loader(stream, 0))
+    assert batch["captions"] == [["a cat", "a grey cat"], ["a dog"]]
+
+
+def labelled_images(root: Path) -> list[dict[str, str]]:
+    rows = []
+    for i, (name, colour) in enumerate([("red", (255, 0, 0)), ("blue", (0, 0, 255)), ("red", (250, 5, 5))]):
+        save_image(root / f"{i}.jpg", colour, "JPEG")
+        rows.append({"image": f"{i}.jpg", "label": name, "index": str(["blue", "red"].index(name))})
+    return rows
+
+
+def test_a_label_column_makes_a_zero_shot_evaluation_set(tmp_path):
+    rows = labelled_images(tmp_path / "data")
+    table = tmp_path / "data" / "labels.csv"
+    write_table(table, [*rows, {"image": "0.jpg", "label": "", "index": ""}], ",")
+    result = make_shards(table, tmp_path / "out", label_col="label", progress=False)
+    assert result.classnames == ["blue", "red"] and dict(result.skipped) == {"missing label": 1}
+    assert (tmp_path / "out" / "classnames.txt").read_text() == "blue\nred\n"
+    members = all_members(tmp_path / "out")
+    assert [members[f"00000000{i}.cls"] for i in range(3)] == [b"1", b"0", b"1"]
+    assert "000000000.txt" not in members  # no caption column: none written
+    assert "zero-shot evaluation set" in result.summary()
+    # Class names given: their order fixes the indices; class indices need them.
+    names = tmp_path / "names.txt"
+    names.write_text("red\nblue\ngreen\n")
+    given = make_shards(table, tmp_path / "out", label_col="label", classnames_file=names, progress=False)
+    assert given.classnames == ["red", "blue", "green"]
+    assert all_members(tmp_path / "out")["000000000.cls"] == b"0"
+    (tmp_path / "two.txt").write_text("blue\nred\n")
+    indexed = make_shards(table, tmp_path / "out", label_col="index", classnames_file=tmp_path / "two.txt",
+                          progress=False)
+    assert indexed.classnames == ["blue", "red"]
+    assert [all_members(tmp_path / "out")[f"00000000{i}.cls"] for i in range(3)] == [b"1", b"0", b"1"]
+    with pytest.raises(MakeShardsError, match="holds class indices: give the class names"):
+        make_shards(table, tmp_path / "out", label_col="index", progress=False)
+    names.write_text("green\n")
+    with pytest.raises(MakeShardsError, match="labels 'blue', 'red' .* are not among the 1 class names"):
+        make_shards(table, tmp_path / "out", label_col="label", classnames_file=names, progress=False)
+
+
+def test_class_folders_make_an_evaluation_set_that_eval_reads(tmp_path):
+    root = tmp_path / "classes"
+    for name, colour in (("red_thing", (255, 0, 0)), ("blue_thing", (0, 0, 255))):
+        for i in range(3):
+            save_image(root / name / f"{i}.png", colour, "PNG")
+    (root / "red_thing" / "0.txt").write_text("a red thing\n")  # sidecar captions are optional
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "clipkit", "make-shards", "--input", str(root), "--out", str(out),
+                           "--class-folders", "--prefix", "eval", "--no-progress", "--workers", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "2 classes in" in done.stdout and "skipped 0 of 6" in done.stdout
+    assert (out / "classnames.txt").read_text() == "blue thing\nred thing\n"
+    members = all_members(out, "eval")
+    assert [members[f"00000000{i}.cls"] for i in range(6)] == [b"0"] * 3 + [b"1"] * 3
+    assert members["000000003.txt"] == b"a red thing" and "000000004.txt" not in members
+
+    from clipkit.config import ExperimentConfig
+    from clipkit.eval.benchmark import evaluate_zeroshot
+    from clipkit.eval.encoders import load_encoder
+    from clipkit.model import create_model
+    from clipkit.train.checkpoint import save_checkpoint
+
+    config = ExperimentConfig(model=tiny_model_config())
+    checkpoint = save_checkpoint(tmp_path / "model.pt", create_model(config.model).eval(), config)
+    encoder = load_encoder(str(checkpoint))
+    from_shards = evaluate_zeroshot(encoder, str(out), templates="simple")
+    from_folders = evaluate_zeroshot(encoder, str(root), templates="simple")
+    assert from_shards.num_samples == 6 and from_shards.metrics["acc1"] == pytest.approx(from_folders.metrics["acc1"])
+    wrong = tmp_path / "names.txt"
+    wrong.write_text("red thing\ngreen thing\n")
+    with pytest.raises(MakeShardsError, match="1 of the 2 class folders match no class name"):
+        make_shards(root, tmp_path / "out3", class_folders=True, classnames_file=wrong, progress=False)

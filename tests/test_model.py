@@ -5,7 +5,8 @@ from safetensors.torch import save_file
 
 from clipkit.config import ExperimentConfig
 from clipkit.model import ContrastiveModel, create_model
-from clipkit.pretrained import PretrainedWeightsError, create_timm_trunk
+from clipkit.errors import PretrainedWeightsError
+from clipkit.pretrained import create_timm_trunk
 from clipkit.train.checkpoint import load_checkpoint, load_model, save_checkpoint
 from tests.conftest import tiny_model_config
 

@@ -17,7 +17,7 @@ from clipkit.eval.benchmark import evaluate_zeroshot
 from clipkit.eval.encoders import load_encoder
 from clipkit.interop.openclip_export import ExportError, export_to_open_clip
 from clipkit.model import create_model
-from clipkit.pretrained import PretrainedWeightsError
+from clipkit.errors import PretrainedWeightsError
 from clipkit.train.checkpoint import save_checkpoint
 from tests.conftest import tiny_model_config
 

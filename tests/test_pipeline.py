@@ -13,18 +13,16 @@ from clipkit.data.pipeline import (
     CLASS_LABEL_FIELD,
     METADATA_FIELD,
     DataQualityError,
-    ShardSource,
     ShardStream,
     SkipRateGuard,
     build_loader,
-    count_samples,
-    expand_shards,
     loader_position,
     member_extension,
     read_shards,
-    shard_sources,
     training_stream,
 )
+from clipkit.data.shards import ShardSource, count_samples, expand_shards, shard_sources
+from clipkit.errors import DataError
 from clipkit.data.writer import ShardWriter
 from clipkit.modalities import get_modality
 from clipkit.modalities.base import FieldDecoder
@@ -303,7 +301,7 @@ def test_resampled_stream_serves_more_ranks_and_workers_than_shards(toy_shards):
 def test_resampled_stream_of_unreadable_shards_fails_instead_of_spinning(tmp_path):
     stream = ShardStream([str(tmp_path / "missing.tar")], [METADATA_FIELD], 4, train=True, resampled=True,
                          epoch_samples=8)
-    with pytest.raises(RuntimeError, match="held no readable sample"):
+    with pytest.raises(DataError, match="held no readable sample"):
         list(build_loader(stream, 0))
 
 

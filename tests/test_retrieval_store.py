@@ -128,6 +128,7 @@ def test_embeddings_directory_errors(tmp_path):
     (tmp_path / "shard-00001.jsonl").unlink()
     with pytest.raises(EmbeddingsFormatError, match="no shard-00001.jsonl"):
         read_embeddings_dir(tmp_path)
+    (tmp_path / "shard-00001.npy").unlink()
     (tmp_path / "shard-00002.npy").unlink()
     write_manifest(tmp_path, "m", "image", 16, ["shard-00000", "shard-00002"])
     with pytest.raises(EmbeddingsFormatError, match="no shard-00002.npy"):
@@ -143,6 +144,19 @@ def test_embeddings_directory_errors(tmp_path):
         read_embeddings_dir(tmp_path)
     with pytest.raises(FileNotFoundError):
         read_embeddings_dir(tmp_path / "absent")
+
+
+def test_vectors_not_in_the_manifest_or_not_as_counted_are_refused(tmp_path):
+    write_embeddings(tmp_path, sizes=(300, 200))
+    write_manifest(tmp_path, "m", "image", 16, ["shard-00000"], counts=[300])
+    with pytest.raises(EmbeddingsFormatError, match=r"vectors that its manifest does not list \(shard-00001\)"):
+        read_embeddings_dir(tmp_path)
+    write_manifest(tmp_path, "m", "image", 16, ["shard-00000", "shard-00001"], counts=[300, 250])
+    with pytest.raises(EmbeddingsFormatError, match="holds 200 vectors, but the manifest recorded 250"):
+        read_embeddings_dir(tmp_path)
+    with pytest.raises(EmbeddingsFormatError, match="lists a shard twice"):
+        write_manifest(tmp_path, "m", "image", 16, ["shard-00000", "shard-00000"])
+        read_embeddings_dir(tmp_path)
 
 
 def test_bad_metadata_line_is_reported_with_its_place(tmp_path):

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from clipkit.config import ExperimentConfig
+from clipkit.errors import DataError
 from clipkit.train.checkpoint import load_model
 from clipkit.train.optim import build_optimizer, lr_multiplier
 from clipkit.train.trainer import Trainer
@@ -31,7 +32,7 @@ def test_short_training_run_loss_falls(tiny_config, toy_shards):
     config = with_toy(tiny_config, toy_shards)
     config.train.epochs = 3
     trainer = Trainer(config, progress=False)
-    assert trainer.steps_per_epoch == 320 // 16
+    assert trainer.total_steps == 3 * (320 // 16)
     result = trainer.fit()
     assert result.steps == 60 and result.samples == 60 * 16 and result.skipped == 0
     records = [json.loads(line) for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -106,10 +107,57 @@ def test_missing_sizes_needs_an_explicit_length(tiny_config, toy_shards, tmp_pat
     shard = tmp_path / "only.tar"
     shard.write_bytes(Path(toy_shards.train_shards[0]).read_bytes())
     config = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, train_shards=str(shard)))
-    with pytest.raises(ValueError, match="data.train_num_samples or train.max_steps"):
+    with pytest.raises(DataError, match=r"only.tar has no entry in a sizes.json .*data.train_num_samples .*train.max_steps"):
         Trainer(config, progress=False)
     config.data.train_num_samples = 64
     assert Trainer(config, progress=False).total_steps == 64 // 16
+    # train.max_steps alone is enough: the epochs are as long as the data.
+    config.data.train_num_samples = None
+    config.train.max_steps = 6
+    result = Trainer(config, progress=False).fit()
+    assert result.steps == 6 and result.samples == 6 * 16
+
+
+def test_missing_shards_are_named_once_and_counted(tiny_config, toy_shards, tmp_path, caplog):
+    copy = tmp_path / "shards"
+    copy.mkdir()
+    for shard in toy_shards.train_shards:
+        (copy / Path(shard).name).write_bytes(Path(shard).read_bytes())
+    (copy / "sizes.json").write_text((Path(toy_shards.train_shards[0]).parent / "sizes.json").read_text())
+    (copy / Path(toy_shards.train_shards[1]).name).unlink()  # listed in sizes.json, but gone
+    pattern = str(copy / "train-{000000..000004}.tar")
+    for resampled in (False, True):
+        config = dataclasses.replace(tiny_config, data=dataclasses.replace(
+            tiny_config.data, train_shards=pattern, resampled=resampled,
+            train_num_samples=320 if resampled else None))
+        config.train.output_dir = str(tmp_path / f"run-{resampled}")
+        caplog.clear()
+        trainer = Trainer(config, progress=False)
+        assert trainer.total_steps == (320 // 16 if resampled else 256 // 16)
+        result = trainer.fit()
+        warnings = [r.getMessage() for r in caplog.records if "train-000001.tar" in r.getMessage()]
+        assert len(warnings) == 1 and "1 of the 5 training shards do not exist (64 samples)" in warnings[0]
+        assert result.skipped == 64
+        last = json.loads((tmp_path / f"run-{resampled}" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert (last["skipped_samples"], last["missing_shards"]) == (64, 1)
+
+
+def test_bad_training_data_stops_with_one_line(tiny_config, toy_shards, tmp_path):
+    config = with_toy(tiny_config, toy_shards)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    command = [sys.executable, "-m", "clipkit", "train", "--config", str(path), "--no-progress",
+               "--set", f"train.output_dir={tmp_path / 'run'}"]
+    nowhere = subprocess.run([*command, "--set", f"data.train_shards={tmp_path}/gone-{{0..3}}.tar"],
+                             capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert nowhere.returncode == 2 and "Traceback" not in nowhere.stderr
+    assert "none of the training shards exist: 4 of the 4 training shards do not exist" in nowhere.stderr
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(bytes(range(256)) * 40)
+    broken = subprocess.run([*command, "--set", f"data.train_shards={junk}", "--set", "data.train_num_samples=64"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert "yielded no full batch of 16" in broken.stderr
 
 
 def test_python_m_clipkit_train_cli(tiny_config, toy_shards, tmp_path):

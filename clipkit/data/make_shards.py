@@ -1,9 +1,12 @@
-"""Raw image–caption data (a folder with sidecar captions, a CSV/TSV or a JSONL file) → webdataset shards.
+"""Raw image–caption data (a folder with sidecar captions, a CSV/TSV or a JSONL file) or labelled
+images (a folder of class folders, or a label column) → webdataset shards.
 
 The output is img2dataset's layout, written by :class:`~clipkit.data.writer.ShardWriter`:
 ``PREFIX-NNNNNN.tar`` holding ``KEY.jpg|png|webp`` (the original image bytes), ``KEY.txt`` (the
-caption) and ``KEY.json`` (key, caption, source path and any extra metadata), with ``sizes.json``
-beside them. KEY is the sample's index in the sorted input, so a skipped sample leaves a gap.
+captions, one per line: :mod:`clipkit.data.captions`), ``KEY.cls`` (the class index, for labelled
+input, as CLIP_benchmark stores it) and ``KEY.json`` (key, caption, source path and any extra
+metadata), with ``sizes.json`` (and for labelled input ``classnames.txt``) beside them. KEY is the
+sample's index in the sorted input, so a skipped sample leaves a gap.
 
 Input sample ``i`` always goes to chunk ``i // samples_per_shard``, and each chunk becomes one shard
 written by one worker process, so the shards are byte-identical whatever the number of workers.
@@ -29,6 +32,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from clipkit.data.captions import clean_captions, join_captions, parse_captions
+from clipkit.data.classes import folder_classname, match_class_folders, read_classnames
 from clipkit.data.writer import ShardWriter, shard_name, shard_pattern, update_sizes_index
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,7 @@ FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # these are the formats clipkit's image modality reads.
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+CLASSNAMES_FILE = "classnames.txt"  # CLIP_benchmark's name, which `clipkit eval zeroshot` reads
 
 
 class MakeShardsError(Exception):
@@ -59,10 +65,12 @@ class SourceSample:
 
     image: Path | None  # None: the row names no image
     source: str  # the image path as the input gives it, for KEY.json and the logs
-    caption: str | None = None  # a CSV/JSONL caption (None: the row has none)
+    caption: str | list[Any] | None = None  # a CSV/JSONL caption field or JSONL list (None: the row has none)
     caption_file: Path | None = None  # a folder's sidecar x.txt, read instead of ``caption``
     metadata: dict[str, Any] = field(default_factory=dict)  # extra CSV/JSONL columns
     metadata_file: Path | None = None  # a folder's optional sidecar x.json
+    label: int | None = None  # the class index of labelled input
+    caption_required: bool = True  # labelled samples may have no caption
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,14 @@ class ChunkResult:
 
 
 @dataclass(frozen=True)
+class InputSamples:
+    """The input's samples in order and, for labelled input, its class names in class-index order."""
+
+    samples: list[SourceSample]
+    classnames: list[str] | None = None
+
+
+@dataclass(frozen=True)
 class MakeShardsResult:
     """The shards written (in order), how many input samples there were and why some were skipped."""
 
@@ -95,6 +111,7 @@ class MakeShardsResult:
     num_inputs: int
     num_samples: int
     skipped: Counter[str]
+    classnames: list[str] | None = None
 
     def shard_pattern(self) -> str:
         """A brace pattern naming every shard, e.g. ``out/train-{000000..000009}.tar``."""
@@ -106,43 +123,119 @@ class MakeShardsResult:
                  f"(counts in sizes.json)"]
         if self.shards:
             lines.append(f"shards: {self.shard_pattern()}")
+        if self.classnames is not None:
+            lines.append(f"{len(self.classnames)} classes in {self.out_dir / CLASSNAMES_FILE} (class index "
+                         f"per sample in KEY.cls): a zero-shot evaluation set for `clipkit eval zeroshot`")
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
         lines.append(f"skipped {sum(self.skipped.values())} of {self.num_inputs} input samples"
                      + (f": {reasons}" if reasons else ""))
         return "\n".join(lines)
 
 
-def list_samples(input_path: Path, image_col: str = "image", caption_col: str = "caption") -> list[SourceSample]:
-    """The input's samples in a fixed order: a folder (sorted, recursive), a .csv/.tsv or a .jsonl file."""
+def list_samples(
+    input_path: Path, image_col: str = "image", caption_col: str | None = None, label_col: str | None = None,
+    classnames_file: Path | None = None, class_folders: bool = False,
+) -> InputSamples:
+    """The input's samples in a fixed order: a folder (sorted, recursive; with ``class_folders`` one
+    sub-folder per class), a .csv/.tsv or a .jsonl file (with ``label_col``, labelled by class name
+    or class index)."""
+    given = read_classnames(classnames_file) if classnames_file is not None else None
+    if class_folders:
+        if not input_path.is_dir():
+            raise MakeShardsError(f"--class-folders needs a folder of class folders; {input_path} is not a folder")
+        return _list_class_folders(input_path, given)
+    if given is not None and label_col is None:
+        raise MakeShardsError("--classnames applies to labelled input: add --label-col or --class-folders")
     if input_path.is_dir():
-        return _list_folder(input_path)
+        if label_col is not None:
+            raise MakeShardsError("--label-col applies to CSV/TSV/JSONL input; a folder of class folders takes "
+                                  "--class-folders")
+        return InputSamples(_list_folder(input_path))
     if not input_path.exists():
         raise MakeShardsError(f"input {input_path} does not exist")
     suffix = input_path.suffix.lower()
-    required = {"--image-col": image_col, "--caption-col": caption_col}
+    required = {"--image-col": image_col}
+    if label_col is not None:
+        required["--label-col"] = label_col
+    if caption_col is not None or label_col is None:
+        required["--caption-col"] = caption_col or "caption"
     if suffix in TABLE_DELIMITERS:
         rows = _read_table(input_path, TABLE_DELIMITERS[suffix], required)
     elif suffix == ".jsonl":
         rows = _read_jsonl(input_path, required)
     else:
         raise MakeShardsError(f"input {input_path} is neither a folder nor a .csv, .tsv or .jsonl file")
-    return [_row_sample(row, f"{input_path} row {number}", input_path.parent, image_col, caption_col)
-            for number, row in enumerate(rows, start=1)]
+    labels, classnames = _row_labels(input_path, rows, label_col, given) if label_col else ([None] * len(rows), None)
+    samples = [_row_sample(row, f"{input_path} row {number}", input_path.parent, image_col,
+                           caption_col or "caption", label, label_col)
+               for number, (row, label) in enumerate(zip(rows, labels), start=1)]
+    return InputSamples(samples, classnames)
 
 
-def _list_folder(root: Path) -> list[SourceSample]:
-    images = sorted(
+def _row_labels(path: Path, rows: list[dict[str, Any]], label_col: str, given: list[str] | dict[str, str] | None
+                ) -> tuple[list[int | None], list[str]]:
+    """Each row's class index (None: no label) and the class names: a label column of class indices
+    needs ``given`` names; class names index into ``given`` or, without it, into their sorted set."""
+    if isinstance(given, dict):
+        raise MakeShardsError("a folder → class name mapping applies to --class-folders; a label column takes a "
+                              "list of class names")
+    values = [str(row.get(label_col, "")).strip() for row in rows]
+    present = [value for value in values if value]
+    if present and all(value.lstrip("-").isdigit() for value in present):
+        if given is None:
+            raise MakeShardsError(f"the {label_col!r} column of {path} holds class indices: give the class "
+                                  "names, one per line in index order, with --classnames")
+        bad = sorted({v for v in present if not 0 <= int(v) < len(given)}, key=int)
+        if bad:
+            raise MakeShardsError(f"class indices {', '.join(bad[:5])} of {path} are outside the "
+                                  f"{len(given)} class names of --classnames")
+        return [int(v) if v else None for v in values], list(given)
+    classnames = list(given) if given is not None else sorted(set(present))
+    index = {name: i for i, name in enumerate(classnames)}
+    unknown = sorted(set(present) - index.keys())
+    if unknown:
+        raise MakeShardsError(f"labels {', '.join(map(repr, unknown[:5]))} of {path} are not among the "
+                              f"{len(classnames)} class names of --classnames")
+    return [index[v] if v else None for v in values], classnames
+
+
+def _folder_images(root: Path) -> list[Path]:
+    return sorted(
         (p for p in root.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and p.is_file()),
         key=lambda p: p.relative_to(root).as_posix(),
     )
-    samples = []
-    for image in images:
-        metadata_file = image.with_suffix(".json")
-        samples.append(SourceSample(
-            image=image, source=str(image), caption_file=image.with_suffix(".txt"),
-            metadata_file=metadata_file if metadata_file.is_file() else None,
-        ))
-    return samples
+
+
+def _folder_sample(image: Path, label: int | None = None) -> SourceSample:
+    """An image of a folder with its sidecar caption (x.txt) and metadata (x.json, optional)."""
+    metadata_file = image.with_suffix(".json")
+    return SourceSample(
+        image=image, source=str(image), caption_file=image.with_suffix(".txt"),
+        metadata_file=metadata_file if metadata_file.is_file() else None,
+        label=label, caption_required=label is None,
+    )
+
+
+def _list_folder(root: Path) -> list[SourceSample]:
+    return [_folder_sample(image) for image in _folder_images(root)]
+
+
+def _list_class_folders(root: Path, given: list[str] | dict[str, str] | None) -> InputSamples:
+    """ImageNet's layout, ROOT/CLASS/**/x.jpg: classes are the sub-folders in sorted order, named by
+    their folder names (``_`` read as a space) or matched by name to the given class names."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise MakeShardsError(f"{root} has no class sub-folders")
+    if given is None:
+        labels, classnames = list(range(len(folders))), [folder_classname(f.name) for f in folders]
+    else:
+        try:
+            labels, classnames = match_class_folders([f.name for f in folders], given)
+        except ValueError as err:
+            raise MakeShardsError(str(err)) from err
+    samples = [_folder_sample(image, label) for label, folder in zip(labels, folders)
+               for image in _folder_images(folder)]
+    return InputSamples(samples, classnames)
 
 
 def _read_table(path: Path, delimiter: str, required: dict[str, str]) -> list[dict[str, Any]]:
@@ -190,24 +283,31 @@ def _check_columns(path: Path, required: dict[str, str], columns: Collection[str
                                   f"(columns: {', '.join(sorted(map(str, columns))) or 'none'})")
 
 
-def _row_sample(row: dict[str, Any], where: str, base: Path, image_col: str, caption_col: str) -> SourceSample:
+def _row_sample(row: dict[str, Any], where: str, base: Path, image_col: str, caption_col: str,
+                label: int | None = None, label_col: str | None = None) -> SourceSample:
     """A CSV/JSONL row as a sample; ``where`` names the row in logs when it has no image path."""
     image = row.get(image_col)
     caption = row.get(caption_col)
-    metadata = {k: v for k, v in row.items() if k not in (image_col, caption_col)}
-    caption = None if caption is None else str(caption)
+    metadata = {k: v for k, v in row.items() if k not in (image_col, caption_col, label_col)}
+    caption = None if caption is None else caption if isinstance(caption, list) else str(caption)
+    labelled = label_col is not None
+    if labelled and label is None:
+        return SourceSample(None, where, caption, metadata=metadata, caption_required=False)
     if not image:
-        return SourceSample(None, where, caption, metadata=metadata)
+        return SourceSample(None, where, caption, metadata=metadata, label=label, caption_required=not labelled)
     # Relative paths are relative to the table's folder, not to wherever the command runs.
-    return SourceSample(base / str(image), str(image), caption, metadata=metadata)
+    return SourceSample(base / str(image), str(image), caption, metadata=metadata, label=label,
+                        caption_required=not labelled)
 
 
-def read_sample(sample: SourceSample) -> tuple[str, bytes, str, dict[str, Any]]:
-    """(image extension, original image bytes, caption, extra metadata); raises :class:`SkipSample`."""
-    caption = _read_caption(sample)  # before the image: it is far cheaper to reject
+def read_sample(sample: SourceSample) -> tuple[str, bytes, list[str], dict[str, Any]]:
+    """(image extension, original image bytes, captions, extra metadata); raises :class:`SkipSample`."""
+    if sample.label is None and not sample.caption_required:
+        raise SkipSample("missing label")
+    captions = _read_captions(sample)  # before the image: it is far cheaper to reject
     extra = {**sample.metadata, **_read_metadata_file(sample)}
     ext, image = _read_image(sample)
-    return ext, image, caption, extra
+    return ext, image, captions, extra
 
 
 def _read_image(sample: SourceSample) -> tuple[str, bytes]:
@@ -232,20 +332,27 @@ def _read_image(sample: SourceSample) -> tuple[str, bytes]:
     return FORMAT_EXTENSIONS[image_format], data
 
 
-def _read_caption(sample: SourceSample) -> str:
+def _read_captions(sample: SourceSample) -> list[str]:
+    """The sample's captions (a field holds one per line, or a JSON list); ``[]`` for a labelled sample
+    without any."""
     caption = sample.caption
     if sample.caption_file is not None:
         try:
             caption = sample.caption_file.read_bytes().decode("utf-8")
         except FileNotFoundError as err:
+            if not sample.caption_required:
+                return []
             raise SkipSample("missing caption", f"no {sample.caption_file}") from err
         except UnicodeDecodeError as err:
             raise SkipSample("caption not UTF-8", f"{sample.caption_file}: {err}") from err
     if caption is None:
+        if not sample.caption_required:
+            return []
         raise SkipSample("missing caption")
-    if not caption.strip():
+    captions = clean_captions(caption) if isinstance(caption, list) else parse_captions(caption)
+    if not captions and sample.caption_required:
         raise SkipSample("empty caption")
-    return caption.strip()
+    return captions
 
 
 def _read_metadata_file(sample: SourceSample) -> dict[str, Any]:
@@ -269,15 +376,32 @@ def convert_chunk(task: ChunkTask, report: Callable[[int], None]) -> ChunkResult
         for offset, sample in enumerate(task.samples):
             key = f"{task.first_index + offset:09d}"
             try:
-                ext, image, caption, extra = read_sample(sample)
+                ext, image, captions, extra = read_sample(sample)
             except SkipSample as skip:
                 skipped.append((sample.source, skip.reason, skip.detail))
             else:
-                meta = {"key": key, "caption": caption, "source": sample.source}
-                meta.update((k, v) for k, v in extra.items() if k not in meta)
-                writer.write(key, {ext: image, "txt": caption.encode(), "json": json.dumps(meta).encode()})
+                writer.write(key, sample_members(key, sample, ext, image, captions, extra))
             report(1)
     return ChunkResult(task.shard_index, writer.num_samples, skipped)
+
+
+def sample_members(key: str, sample: SourceSample, ext: str, image: bytes, captions: list[str],
+                   extra: dict[str, Any]) -> dict[str, bytes]:
+    """The tar members of one sample: the image, its captions one per line, its class index, and
+    KEY.json with ``caption`` (the first caption; ``captions`` too when there are several)."""
+    meta: dict[str, Any] = {"key": key, "source": sample.source}
+    members = {ext: image}
+    if captions:
+        meta["caption"] = captions[0]
+        if len(captions) > 1:
+            meta["captions"] = captions
+        members["txt"] = join_captions(captions).encode()
+    if sample.label is not None:
+        meta["label"] = sample.label
+        members["cls"] = str(sample.label).encode()
+    meta.update((k, v) for k, v in extra.items() if k not in meta)
+    members["json"] = json.dumps(meta, ensure_ascii=False).encode()
+    return members
 
 
 _progress_queue: multiprocessing.Queue | None = None
@@ -301,19 +425,27 @@ def make_shards(
     samples_per_shard: int = 10_000,
     workers: int = 1,
     image_col: str = "image",
-    caption_col: str = "caption",
+    caption_col: str | None = None,
+    label_col: str | None = None,
+    classnames_file: str | Path | None = None,
+    class_folders: bool = False,
     progress: bool = True,
 ) -> MakeShardsResult:
     """Convert ``input_path`` into shards in ``out_dir``; bad samples are skipped, logged and counted.
 
-    Shards of ``prefix`` left in ``out_dir`` by an earlier run are replaced, so the folder holds one
-    consistent set. Raises :class:`MakeShardsError` for an input that cannot be read at all.
+    ``caption_col`` defaults to ``caption`` (required, unless the input is labelled); ``label_col``
+    (CSV/JSONL) or ``class_folders`` make a labelled set: ``KEY.cls`` per sample and
+    ``classnames.txt`` (see :func:`list_samples`). Shards of ``prefix`` left in ``out_dir`` by an
+    earlier run are replaced, so the folder holds one consistent set. Raises :class:`MakeShardsError`
+    for an input that cannot be read at all.
     """
     if samples_per_shard < 1 or workers < 1:
         raise MakeShardsError(f"--samples-per-shard and --workers must be at least 1, "
                               f"got {samples_per_shard} and {workers}")
     input_path, out_dir = Path(input_path), Path(out_dir)
-    samples = list_samples(input_path, image_col, caption_col)
+    listed = list_samples(input_path, image_col, caption_col, label_col,
+                          Path(classnames_file) if classnames_file is not None else None, class_folders)
+    samples = listed.samples
     if not samples:
         raise MakeShardsError(f"input {input_path} holds no samples")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -323,8 +455,10 @@ def make_shards(
     results = _run_chunks(tasks, workers, len(samples), progress)
     shards, sizes = _number_shards(out_dir, prefix, results)
     update_sizes_index(out_dir, sizes, remove=stale)
+    if listed.classnames is not None:
+        (out_dir / CLASSNAMES_FILE).write_text("".join(f"{name}\n" for name in listed.classnames), encoding="utf-8")
     skipped = Counter(reason for result in results for _, reason, _ in result.skipped)
-    return MakeShardsResult(out_dir, prefix, shards, len(samples), sum(sizes.values()), skipped)
+    return MakeShardsResult(out_dir, prefix, shards, len(samples), sum(sizes.values()), skipped, listed.classnames)
 
 
 def _remove_shards(out_dir: Path, prefix: str) -> list[str]:

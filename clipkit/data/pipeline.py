@@ -15,15 +15,15 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from clipkit.config import DataConfig
+from clipkit.data.shards import ShardSource, count_samples, shard_sources
+from clipkit.errors import DataError
 from clipkit.modalities.base import FieldDecoder
 
 log = logging.getLogger(__name__)
@@ -45,59 +45,6 @@ def decode_json(data: bytes, rng: random.Random) -> dict[str, Any]:
 CLASS_LABEL_FIELD = FieldDecoder("label", ("cls",), decode_class_label)
 # Per-sample metadata (img2dataset's KEY.json); batched as a list of dicts, not a tensor.
 METADATA_FIELD = FieldDecoder("metadata", ("json",), decode_json)
-
-
-@dataclass(frozen=True)
-class ShardSource:
-    """One source of training data: its shard URLs and, for resampled streams, its sampling weight."""
-
-    shards: tuple[str, ...]
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.shards:
-            raise ValueError("a shard source needs at least one shard")
-        if not self.weight > 0:
-            raise ValueError(f"a shard source's weight must be positive, got {self.weight}")
-
-
-def shard_sources(pattern: str, weights: Sequence[float] | None = None) -> list[ShardSource]:
-    """One :class:`ShardSource` per ``::``-separated brace pattern, weighted by ``weights`` (default 1)."""
-    parts = [part for part in pattern.split("::") if part]
-    if not parts:
-        raise ValueError(f"shard pattern {pattern!r} names no shards")
-    weights = [1.0] * len(parts) if weights is None else list(weights)
-    if len(weights) != len(parts):
-        raise ValueError(f"{len(weights)} weight(s) for {len(parts)} '::'-separated shard pattern(s) in {pattern!r}")
-    return [ShardSource(tuple(braceexpand.braceexpand(part)), weight) for part, weight in zip(parts, weights)]
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Brace-expand a shard pattern; several patterns may be joined with ``::``."""
-    return [url for source in shard_sources(pattern) for url in source.shards]
-
-
-def count_samples(shards: Sequence[str]) -> int | None:
-    """Total sample count of local shards, or None if any shard's count is unknown.
-
-    A shard's count comes from ``sizes.json`` beside it (clipkit's writers), else from the
-    ``NAME_stats.json`` that img2dataset writes beside ``NAME.tar`` (its ``successes`` field).
-    """
-    sizes: dict[Path, dict[str, int]] = {}
-    total = 0
-    for shard in shards:
-        path = Path(shard)
-        if path.parent not in sizes:
-            index = path.parent / "sizes.json"
-            sizes[path.parent] = json.loads(index.read_text()) if index.is_file() else {}
-        count = sizes[path.parent].get(path.name)
-        stats = path.with_name(f"{path.stem}_stats.json")
-        if count is None and stats.is_file():
-            count = json.loads(stats.read_text()).get("successes")
-        if count is None:
-            return None
-        total += int(count)
-    return total
 
 
 @dataclass
@@ -186,7 +133,7 @@ def read_resampled_shards(
             empty_in_a_row = 0
             yield sample
         if empty_in_a_row >= patience:
-            raise RuntimeError(f"{patience} shards drawn in a row held no readable sample (the last: {url}); "
+            raise DataError(f"{patience} shards drawn in a row held no readable sample (the last: {url}); "
                                "check the shard paths and the warnings above")
 
 
@@ -402,9 +349,12 @@ class ShardStream(IterableDataset):
                 yield _collate(batch, skipped_shards)
                 batch, skipped_shards = [], []
         # Training drops the ragged last batch (a contrastive batch of 3 is a different task);
-        # evaluation keeps every sample.
-        if batch and not self.train:
+        # evaluation keeps every sample, and reports the skipped samples after the last batch too
+        # (in a batch that holds only the counts when no sample is left).
+        if not self.train and batch:
             yield _collate(batch, skipped_shards)
+        elif not self.train and skipped_shards:
+            yield {"num_skipped": torch.tensor(len(skipped_shards)), "skipped_shards": skipped_shards}
 
 
 def _collate(items: list[dict[str, Any]], skipped_shards: list[str]) -> dict[str, Any]:
@@ -456,11 +406,13 @@ def build_loader(
 
 
 def training_stream(
-    data: DataConfig, fields: Sequence[FieldDecoder], *, seed: int, rank: int = 0, world_size: int = 1
+    data: DataConfig, fields: Sequence[FieldDecoder], *, seed: int, rank: int = 0, world_size: int = 1,
+    sources: Sequence[ShardSource] | None = None,
 ) -> ShardStream:
-    """The training :class:`ShardStream` that ``data`` describes (sources, weights, resampling)."""
+    """The training :class:`ShardStream` that ``data`` describes (sources, weights, resampling);
+    ``sources`` replaces the shards of ``data.train_shards`` (e.g. without the missing ones)."""
     return ShardStream(
-        shard_sources(data.train_shards, data.train_data_weights),
+        list(sources) if sources is not None else shard_sources(data.train_shards, data.train_data_weights),
         fields,
         data.batch_size,
         train=True,
@@ -473,7 +425,7 @@ def training_stream(
     )
 
 
-class DataQualityError(RuntimeError):
+class DataQualityError(DataError):
     """So much of the training data is undecodable or incomplete that training must stop."""
 
 

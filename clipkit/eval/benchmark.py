@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,11 @@ import torch
 
 from clipkit.eval.classifier_cache import ClassifierCache
 from clipkit.eval.confusion import confusion_matrix, save_confusion_png
-from clipkit.eval.datasets import (
-    CLASSNAMES_FILE,
-    TEMPLATES_FILE,
-    classification_data,
-    dataset_folder,
-    read_lines,
-    retrieval_batches,
-)
+from clipkit.data.classes import read_classnames
+from clipkit.eval.datasets import classification_data, retrieval_batches
 from clipkit.eval.embed import embed_batches, embed_texts
 from clipkit.eval.encoders import Encoder
+from clipkit.eval.layout import CLASSNAMES_FILE, TEMPLATES_FILE, resolve_dataset
 from clipkit.eval.metrics import classification_metrics, image_text_retrieval
 from clipkit.eval.templates import resolve_templates
 from clipkit.eval.zeroshot import build_zeroshot_classifier
@@ -67,6 +63,13 @@ class EvalReport:
         return path
 
 
+def unique_names(classnames: list[str]) -> list[str]:
+    """Class names as report keys: a name that occurs more than once (ImageNet has two "crane"s) gets
+    its class index, ``crane [134]``, so that no class's figure is overwritten by another's."""
+    counts = Counter(classnames)
+    return [f"{name} [{i}]" if counts[name] > 1 else name for i, name in enumerate(classnames)]
+
+
 def evaluate_zeroshot(
     encoder: Encoder,
     dataset: str,
@@ -80,36 +83,38 @@ def evaluate_zeroshot(
     confusion_png: str | Path | None = None,
     path_col: str | None = None,
     label_col: str | None = None,
+    split: str = "test",
     progress: bool = False,
 ) -> EvalReport:
     """Zero-shot classification of every sample of ``dataset`` (shards, class folders or a CSV).
 
     Class names come from ``classnames_file`` or the dataset (see
     :func:`~clipkit.eval.datasets.classification_data`); templates from ``templates`` (a file or a
-    built-in set), else ``zeroshot_classification_templates.txt`` beside the data, else the modality's
-    built-in set.
+    built-in set), else ``zeroshot_classification_templates.txt`` beside the data or one folder up
+    (CLIP_benchmark's layout), else the modality's built-in set.
     """
     start = time.perf_counter()
-    folder = dataset_folder(dataset)
-    classnames = read_lines(Path(classnames_file), "class names") if classnames_file else None
+    layout = resolve_dataset(dataset, split)
+    classnames = read_classnames(Path(classnames_file)) if classnames_file else None
     data = classification_data(dataset, encoder.eval_decoder(modality), classnames=classnames,
                                batch_size=batch_size, num_workers=num_workers, path_col=path_col,
-                               label_col=label_col)
-    template_list = resolve_templates(templates, modality, folder / TEMPLATES_FILE)
+                               label_col=label_col, split=split)
+    template_list = resolve_templates(templates, modality, layout.side_file(TEMPLATES_FILE))
     embedded = embed_batches(encoder, modality, data.batches, keep=["label"], progress=progress)
     labels = embedded.fields["label"]
     num_classes = len(data.classnames)
     if int(labels.max()) >= num_classes or int(labels.min()) < 0:
         raise ValueError(f"labels run from {int(labels.min())} to {int(labels.max())} but there are only "
-                         f"{num_classes} class names (from {classnames_file or folder / CLASSNAMES_FILE})")
+                         f"{num_classes} class names (from {classnames_file or layout.side_file(CLASSNAMES_FILE)})")
     classifier = build_zeroshot_classifier(encoder, data.classnames, template_list, batch_size, cache)
     scores = embedded.features @ classifier
     result = classification_metrics(scores, labels, ks=(1, 5))
     metrics = {
         "acc1": result.topk[1],
-        "acc5": result.topk[5],
+        # CLIP_benchmark reports no top-5 accuracy (NaN) below 5 classes, where every sample would hit.
+        "acc5": result.topk[5] if num_classes >= 5 else None,
         "mean_per_class_recall": result.mean_per_class_recall,
-        "per_class_recall": dict(zip(data.classnames, result.per_class_recall)),
+        "per_class_recall": dict(zip(unique_names(data.classnames), result.per_class_recall)),
     }
     details: dict[str, Any] = {"classes": num_classes, "templates": len(template_list),
                                "chance": 1 / num_classes}
@@ -130,6 +135,7 @@ def evaluate_retrieval(
     num_workers: int = 0,
     path_col: str | None = None,
     caption_col: str | None = None,
+    split: str = "test",
     progress: bool = False,
 ) -> EvalReport:
     """Item↔text retrieval recall@1/5/10 over items with one or more captions each.
@@ -139,7 +145,7 @@ def evaluate_retrieval(
     """
     start = time.perf_counter()
     batches = retrieval_batches(dataset, encoder.eval_decoder(modality), batch_size=batch_size,
-                                num_workers=num_workers, path_col=path_col, caption_col=caption_col)
+                                num_workers=num_workers, path_col=path_col, caption_col=caption_col, split=split)
     embedded = embed_batches(encoder, modality, batches, keep=["captions"], progress=progress)
     captions: list[list[str]] = embedded.fields["captions"]
     texts = [text for item in captions for text in item]

@@ -6,26 +6,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import nn
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A content hash of a model's weights: cheap (one reduction per tensor), and it changes with
-    any training step, so a cached classifier is never used for other weights."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().reshape(-1).double()
-            summary = [float(flat.sum()), float(flat.abs().sum()), *flat[:4].tolist()] if flat.numel() else []
-            digest.update(json.dumps([name, list(tensor.shape), summary]).encode())
-    return digest.hexdigest()
-
-
-def classifier_key(model: nn.Module, classnames: Sequence[str], templates: Sequence[str]) -> str:
-    payload = json.dumps([model_fingerprint(model), list(classnames), list(templates)])
+def classifier_key(model: Any, classnames: Sequence[str], templates: Sequence[str]) -> str:
+    """The cache key of a classifier: the model's fingerprint (weights, architecture, tokenizer), the
+    class names and the templates."""
+    payload = json.dumps([model.fingerprint(), list(classnames), list(templates)])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

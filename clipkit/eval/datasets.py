@@ -2,13 +2,13 @@
 
 Every kind yields the same batches as the training pipeline: ``{modality: (B, ...) tensor, "label":
 (B,) int64 or "captions": list of caption lists, "num_skipped": scalar}``. Undecodable files are
-skipped, counted and logged with their path, never fatal.
+skipped, counted and logged with their path, never fatal. Where the dataset is and which side files
+it has is :mod:`clipkit.eval.layout`'s job.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -18,67 +18,27 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipkit.data.pipeline import CLASS_LABEL_FIELD, ShardStream, build_loader, expand_shards
+from clipkit.data.captions import parse_captions
+from clipkit.data.classes import folder_classname, match_class_folders, read_lines
+from clipkit.data.pipeline import CLASS_LABEL_FIELD, ShardStream, build_loader, read_shards
+from clipkit.errors import DataError
+from clipkit.eval.layout import CLASSNAMES_FILE, DatasetLayout, resolve_dataset
 from clipkit.modalities import FieldDecoder
 
 log = logging.getLogger(__name__)
 
-CLASSNAMES_FILE = "classnames.txt"
-TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 PATH_COLUMNS = ("path", "filepath", "image", "file", "filename")
 
 
-def read_lines(path: Path, what: str) -> list[str]:
-    """Non-empty lines of a text file, with an error naming the file and what it should hold."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"{path} holds no {what}")
-    return lines
-
-
 def decode_captions(data: bytes, rng: random.Random) -> list[str]:
-    """A ``txt`` member holding one caption, or a JSON list of captions → a non-empty list."""
-    text = data.decode("utf-8").strip()
-    captions: Any = [text]
-    if text.startswith("["):
-        try:
-            captions = json.loads(text)
-        except json.JSONDecodeError:
-            pass  # a caption that merely starts with a bracket
-    captions = [str(c).strip() for c in captions if str(c).strip()]
+    """A ``txt`` member holding one caption per line, or a JSON list of captions → a non-empty list."""
+    captions = parse_captions(data.decode("utf-8"))
     if not captions:
         raise ValueError("no caption")
     return captions
 
 
 CAPTIONS_FIELD = FieldDecoder("captions", ("txt",), decode_captions)
-
-
-def dataset_kind(spec: str) -> str:
-    """``shards`` (a brace pattern or a folder of .tar files), ``folder`` (class sub-folders) or ``csv``."""
-    path = Path(spec)
-    if spec.endswith((".csv", ".tsv")):
-        return "csv"
-    if ".tar" in spec:
-        return "shards"
-    if path.is_dir():
-        return "shards" if any(path.glob("*.tar")) else "folder"
-    raise FileNotFoundError(f"evaluation dataset not found: {spec} (a shard pattern, a folder or a .csv)")
-
-
-def shard_urls(spec: str) -> list[str]:
-    path = Path(spec)
-    return sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else expand_shards(spec)
-
-
-def dataset_folder(spec: str) -> Path:
-    """Where a dataset's side files (class names, templates) live."""
-    if dataset_kind(spec) == "shards":
-        return Path(shard_urls(spec)[0]).parent
-    path = Path(spec)
-    return path if path.is_dir() else path.parent
 
 
 @dataclass(frozen=True)
@@ -151,7 +111,7 @@ class ClassificationData:
 
 
 def _csv_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
         rows = list(reader)
         return rows, list(reader.fieldnames or [])
@@ -185,69 +145,103 @@ def _csv_labelled(path: Path, classnames: list[str] | None, path_col: str | None
     return samples, classnames
 
 
-def _folder_labelled(root: Path, extensions: Sequence[str]) -> tuple[list[FileSample], list[str]]:
-    """torchvision ImageFolder's layout: one sub-folder per class, classes in sorted folder order."""
+def _folder_labelled(root: Path, extensions: Sequence[str], classnames: list[str] | dict[str, str] | None
+                     ) -> tuple[list[FileSample], list[str]]:
+    """torchvision ImageFolder's layout: one sub-folder per class. Without class names the classes are
+    the folder names in sorted order; with them, see :func:`match_class_folders`."""
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     if not folders:
         raise ValueError(f"{root} has no class sub-folders")
-    samples = [FileSample(file, label) for label, folder in enumerate(folders)
+    if classnames is None:
+        labels, names = list(range(len(folders))), [folder_classname(folder.name) for folder in folders]
+    else:
+        labels, names = match_class_folders([folder.name for folder in folders], classnames)
+    samples = [FileSample(file, label) for label, folder in zip(labels, folders)
                for file in _matching_files(folder, extensions)]
     if not samples:
         raise ValueError(f"no {'/'.join(extensions)} files under {root}")
-    return samples, [folder.name.replace("_", " ") for folder in folders]
+    return samples, names
+
+
+def _check_members(layout: DatasetLayout, field: FieldDecoder, how_to_add: str) -> None:
+    """Fail at once, with what to do, when the first sample of the shards lacks ``field``'s member
+    (rather than skip every sample with a warning each)."""
+    first = next(iter(read_shards(layout.shards[:1])), None)
+    if first is None:
+        raise DataError(f"the first shard of {layout.spec} ({layout.shards[0]}) holds no readable sample")
+    if not any(ext in first for ext in field.extensions):
+        members = ", ".join(sorted(k for k in first if not k.startswith("__"))) or "none"
+        raise DataError(f"the samples of {layout.spec} have no {'/'.join(field.extensions)} member "
+                        f"(the first one, {first['__key__']}, has: {members}): {how_to_add}")
+
+
+ADD_CLASS_LABELS = ("zero-shot classification needs a class index per sample (KEY.cls, as CLIP_benchmark "
+                    "writes); make such shards with `clipkit make-shards --label-col COLUMN` from a CSV/JSONL "
+                    "or `clipkit make-shards --class-folders` from a folder of class folders")
 
 
 def classification_data(
-    spec: str, decoder: FieldDecoder, *, classnames: list[str] | None = None, batch_size: int = 256,
-    num_workers: int = 0, path_col: str | None = None, label_col: str | None = None,
+    spec: str, decoder: FieldDecoder, *, classnames: list[str] | dict[str, str] | None = None,
+    batch_size: int = 256, num_workers: int = 0, path_col: str | None = None, label_col: str | None = None,
+    split: str = "test",
 ) -> ClassificationData:
     """Labelled batches of ``decoder``'s modality from shards (``cls`` per sample), a class-folder tree
-    or a CSV. Class names: ``classnames`` if given, else ``classnames.txt`` beside shards, folder
-    names, or the CSV's label strings (sorted)."""
-    kind = dataset_kind(spec)
-    if kind == "shards":
-        urls = shard_urls(spec)
-        names = classnames or read_lines(Path(urls[0]).parent / CLASSNAMES_FILE, "class names")
-        return ClassificationData(shard_batches(urls, [decoder, CLASS_LABEL_FIELD], batch_size, num_workers),
-                                  names, spec)
-    if kind == "folder":
-        samples, names = _folder_labelled(Path(spec), decoder.extensions)
-        if classnames is not None:
-            if len(classnames) != len(names):
-                raise ValueError(f"{len(classnames)} class names for {len(names)} class folders in {spec}")
-            names = classnames
+    or a CSV. Class names: ``classnames`` if given (class folders are matched to them by name), else
+    ``classnames.txt`` beside the shards or one folder up, the folder names, or the CSV's label
+    strings (sorted)."""
+    layout = resolve_dataset(spec, split)
+    if layout.dataset_type in ("retrieval", "multilabel"):
+        raise DataError(f"{spec} is a {layout.dataset_type} dataset (its dataset_type.txt says so): "
+                        + ("evaluate it with `clipkit eval retrieval`" if layout.dataset_type == "retrieval"
+                           else "multi-label classification is not supported"))
+    if layout.kind == "shards":
+        if isinstance(classnames, dict):
+            raise ValueError("a folder → class name mapping applies to class folders; shards need class names "
+                             "in class-index order")
+        if classnames is None:
+            found = layout.side_file(CLASSNAMES_FILE)
+            if found is None:
+                raise FileNotFoundError(f"no {CLASSNAMES_FILE} beside the shards of {spec} or one folder up: "
+                                        "give the class names with --classnames")
+            classnames = read_lines(found, "class names")
+        _check_members(layout, CLASS_LABEL_FIELD, ADD_CLASS_LABELS)
+        batches = shard_batches(layout.shards, [decoder, CLASS_LABEL_FIELD], batch_size, num_workers)
+        return ClassificationData(batches, classnames, spec)
+    if layout.kind == "folder":
+        samples, names = _folder_labelled(layout.folder, decoder.extensions, classnames)
     else:
+        if isinstance(classnames, dict):
+            raise ValueError("a folder → class name mapping applies to class folders, not to a CSV")
         samples, names = _csv_labelled(Path(spec), classnames, path_col, label_col)
     return ClassificationData(file_batches(samples, decoder, batch_size, num_workers), names, spec)
 
 
 def _csv_captioned(path: Path, path_col: str | None, caption_col: str | None) -> list[FileSample]:
-    """CSV rows of (file, caption); a file on several rows, or a JSON list cell, has several captions."""
+    """CSV rows of (file, captions); a file on several rows has the captions of all of them, and a
+    cell may hold several (one per line, or a JSON list)."""
     rows, columns = _csv_rows(path)
     path_key = _column(columns, path_col, PATH_COLUMNS, path)
     caption_key = _column(columns, caption_col, ("caption", "captions", "text", "txt"), path)
     captions: dict[str, list[str]] = {}
     for row in rows:
-        try:
-            cell = decode_captions(row[caption_key].encode("utf-8"), random.Random(0))
-        except ValueError:
-            continue  # an empty caption cell adds nothing to its file
-        captions.setdefault(row[path_key], []).extend(cell)
-    return [FileSample(path.parent / name, captions=tuple(texts)) for name, texts in captions.items()]
+        # An empty caption cell adds nothing to its file.
+        captions.setdefault(row[path_key], []).extend(parse_captions(row[caption_key] or ""))
+    return [FileSample(path.parent / name, captions=tuple(texts)) for name, texts in captions.items() if texts]
 
 
 def retrieval_batches(
     spec: str, decoder: FieldDecoder, *, batch_size: int = 256, num_workers: int = 0,
-    path_col: str | None = None, caption_col: str | None = None,
+    path_col: str | None = None, caption_col: str | None = None, split: str = "test",
 ) -> Iterable[dict[str, Any]]:
     """Batches of items with their captions (``captions``: a list of lists) from shards or a CSV."""
-    kind = dataset_kind(spec)
-    if kind == "shards":
-        return shard_batches(shard_urls(spec), [decoder, CAPTIONS_FIELD], batch_size, num_workers)
-    if kind == "csv":
+    layout = resolve_dataset(spec, split)
+    if layout.kind == "shards":
+        _check_members(layout, CAPTIONS_FIELD, "retrieval needs the captions of each sample in KEY.txt "
+                                               "(one per line, or a JSON list)")
+        return shard_batches(layout.shards, [decoder, CAPTIONS_FIELD], batch_size, num_workers)
+    if layout.kind == "csv":
         samples = _csv_captioned(Path(spec), path_col, caption_col)
         if not samples:
             raise ValueError(f"{spec} has no captioned rows")
         return file_batches(samples, decoder, batch_size, num_workers)
     raise ValueError(f"retrieval datasets are webdataset shards or a CSV of path,caption; got the folder {spec}")
-

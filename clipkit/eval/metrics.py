@@ -1,7 +1,9 @@
 """Evaluation metrics over score matrices, counted the way CLIP_benchmark counts them.
 
-Ranking is by score, highest first; equal scores rank in index order (the lower class or gallery
-index first), so results never depend on a sort's tie-breaking.
+Ranking is by score, highest first, with ``torch.topk`` called as CLIP_benchmark calls it (once for
+the largest k in classification, once per k in retrieval), so that equal scores (repeated captions,
+duplicate class names) break the same way and the numbers are the ones its tables hold; top-1 for
+the per-class recall is ``argmax``, as its ``balanced_accuracy_score`` input is.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ import torch
 
 
 def ranked_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, M) scores → (N, min(k, M)) column indices, best first, ties in index order."""
+    """(N, M) scores → (N, min(k, M)) column indices, best first, ties broken as ``torch.topk`` breaks them."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return order[:, : min(k, scores.shape[1])]
+    return torch.topk(scores, min(k, scores.shape[1]), dim=1).indices
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,10 @@ def classification_metrics(
     labels = labels.to(scores.device).long()
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min().item()}..{labels.max().item()}")
-    ranked = ranked_indices(scores, max(ks))
+    ranked = ranked_indices(scores, max(ks))  # one top-k for all k, as CLIP_benchmark's accuracy()
     hits = ranked == labels[:, None]
     topk = {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
-    correct = hits[:, 0].float()
+    correct = (scores.argmax(dim=1) == labels).float()
     per_class: list[float | None] = []
     for cls in range(num_classes):
         mask = labels == cls
@@ -65,9 +66,10 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int]
         raise ValueError(f"positives {tuple(positives.shape)} must match scores {tuple(scores.shape)}")
     if not positives.any(dim=1).all():
         raise ValueError("every query needs at least one positive gallery item")
-    ranked = ranked_indices(scores, max(ks))
-    found = torch.gather(positives.to(scores.device), 1, ranked)
-    return {k: found[:, :k].any(dim=1).float().mean().item() for k in ks}
+    positives = positives.to(scores.device)
+    # One top-k per k, as CLIP_benchmark ranks: with ties, the first k of a top-10 are not always
+    # the top-k (torch.topk breaks ties differently for different k).
+    return {k: torch.gather(positives, 1, ranked_indices(scores, k)).any(dim=1).float().mean().item() for k in ks}
 
 
 def image_text_retrieval(

@@ -1,10 +1,11 @@
-"""Prompt templates for zero-shot classification: built-in sets, or a file with one ``{}`` template per line."""
+"""Prompt templates for zero-shot classification: built-in sets, or a file with one template per line,
+``{}`` or CLIP_benchmark's ``{c}`` marking where the class name goes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from clipkit.eval.datasets import read_lines
+from clipkit.eval.layout import read_lines
 
 BUILTIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     # The single prompt of CLIP's paper baseline.
@@ -62,7 +63,12 @@ def resolve_templates(spec: str | None, modality: str, beside_dataset: Path | No
         templates = read_lines(beside_dataset, "prompt templates")
     else:
         return list(BUILTIN_TEMPLATES[DEFAULT_TEMPLATES.get(modality, "simple")])
-    missing = [t for t in templates if "{}" not in t]
+    missing = [t for t in templates if "{}" not in t and "{c}" not in t]
     if missing:
-        raise ValueError(f"templates need a {{}} where the class name goes; {missing[0]!r} has none")
+        raise ValueError(f"templates need a {{}} or {{c}} where the class name goes; {missing[0]!r} has none")
     return templates
+
+
+def fill_template(template: str, classname: str) -> str:
+    """One prompt: ``template`` with the class name at its ``{}`` or ``{c}`` (CLIP_benchmark's marker)."""
+    return template.format(c=classname) if "{c}" in template else template.format(classname)

@@ -12,6 +12,7 @@ from clipkit.eval.classifier_cache import ClassifierCache, classifier_key
 from clipkit.eval.embed import embed_texts
 from clipkit.eval.encoders import Encoder
 from clipkit.eval.metrics import classification_metrics
+from clipkit.eval.templates import fill_template
 
 
 @torch.no_grad()
@@ -20,7 +21,7 @@ def build_zeroshot_classifier(
     cache: ClassifierCache | None = None,
 ) -> torch.Tensor:
     """Class weights (embed_dim, num_classes): per class, the normalised mean of its normalised
-    template embeddings (CLIP's prompt ensembling). Templates hold ``{}`` for the class name.
+    template embeddings (CLIP's prompt ensembling). Templates hold ``{}`` or ``{c}`` for the class name.
 
     With a ``cache``, a classifier already built for these weights, class names and templates is
     read back instead of encoding ``len(classnames) * len(templates)`` prompts again.
@@ -31,7 +32,7 @@ def build_zeroshot_classifier(
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
         return cached
-    prompts = [template.format(name) for name in classnames for template in templates]
+    prompts = [fill_template(template, name) for name in classnames for template in templates]
     embeddings = embed_texts(model, prompts, batch_size)
     per_class = embeddings.view(len(classnames), len(templates), -1).mean(dim=1)
     classifier = F.normalize(per_class, dim=-1).T.contiguous()

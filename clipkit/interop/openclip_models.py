@@ -23,7 +23,8 @@ from torch import nn
 
 from clipkit.modalities import FieldDecoder
 from clipkit.modalities.image import IMAGE_EXTENSIONS
-from clipkit.pretrained import PretrainedWeightsError
+from clipkit.errors import PretrainedWeightsError
+from clipkit.fingerprint import weights_fingerprint
 
 OPEN_CLIP_PREFIX = "open_clip:"
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -51,6 +52,7 @@ class OpenClipEncoder(nn.Module):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.name = name
+        self._fingerprint: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -73,6 +75,15 @@ class OpenClipEncoder(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Strings → (N, context_length) token ids with the model's own tokenizer, on its device."""
         return self.tokenizer(list(texts)).to(self.device)
+
+    def fingerprint(self) -> str:
+        """Weights, the model class, its preprocessing settings and its tokenizer (:mod:`clipkit.fingerprint`)."""
+        if self._fingerprint is None:  # an evaluation model's weights do not change: hash them once
+            description = {"open_clip": type(self.model).__name__,
+                           "preprocess": getattr(self.model.visual, "preprocess_cfg", None) or str(self.preprocess),
+                           "tokenizer": [type(self.tokenizer).__name__, getattr(self.tokenizer, "context_length", None)]}
+            self._fingerprint = weights_fingerprint(self.model, description)
+        return self._fingerprint
 
     def eval_decoder(self, modality: str) -> FieldDecoder:
         if modality != "image":

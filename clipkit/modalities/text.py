@@ -13,6 +13,7 @@ from open_clip.transformer import TextTransformer
 from torch import nn
 
 from clipkit.config import AugmentConfig, ModelConfig, TextTowerConfig
+from clipkit.data.captions import parse_captions
 from clipkit.modalities.base import FieldDecoder, Modality
 
 TEXT_EXTENSIONS = ("txt",)
@@ -31,15 +32,22 @@ def tokenize(texts: Sequence[str], context_length: int) -> torch.Tensor:
 
 @dataclass
 class CaptionDecoder:
-    """Decodes a UTF-8 caption to a (context_length,) token tensor; rejects empty captions."""
+    """Decodes a UTF-8 caption field to a (context_length,) token tensor; rejects empty captions.
+
+    A field with several captions (one per line, or a JSON list: :mod:`clipkit.data.captions`) gives
+    one of them: in training drawn from the per-sample ``rng`` (another each epoch), in evaluation
+    the first.
+    """
 
     context_length: int
+    train: bool = True
 
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
-        text = data.decode("utf-8").strip()
-        if not text:
+        captions = parse_captions(data.decode("utf-8"))
+        if not captions:
             raise ValueError("empty caption")
-        return tokenize([text], self.context_length)[0]
+        caption = rng.choice(captions) if self.train and len(captions) > 1 else captions[0]
+        return tokenize([caption], self.context_length)[0]
 
 
 def build_text_tower(config: TextTowerConfig, embed_dim: int) -> nn.Module:
@@ -71,7 +79,7 @@ class TextModality(Modality):
         return cls(model_config.text)
 
     def field(self, train: bool) -> FieldDecoder:
-        return FieldDecoder(self.name, TEXT_EXTENSIONS, CaptionDecoder(self.config.context_length))
+        return FieldDecoder(self.name, TEXT_EXTENSIONS, CaptionDecoder(self.config.context_length, train))
 
     def build_tower(self, embed_dim: int) -> nn.Module:
         return build_text_tower(self.config, embed_dim)

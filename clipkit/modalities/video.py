@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
+from PIL import Image
 from torch import nn
 
 from clipkit.config import AugmentConfig, ImageTowerConfig, ModelConfig, VideoTowerConfig
 from clipkit.modalities.base import FieldDecoder, Modality
-from clipkit.modalities.image import ImageTower, centre_square_box, random_resized_crop_box
+from clipkit.modalities.image import ImageTower, random_resized_crop_box, resize_centre_crop
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi")
 
@@ -113,8 +114,9 @@ class VideoDecoder:
     ``num_frames`` (T) indices are sampled uniformly over the clip (:func:`sample_frame_indices`),
     jittered within their segments in training. Frames get the image decoder's transforms, drawn once
     per clip so that motion stays intact: in training one random resized crop (area fraction
-    ``crop_scale``) and, when enabled, one horizontal flip for all frames; in evaluation the centred
-    square (resize the shorter side to S, centre-crop). Normalisation happens on the device.
+    ``crop_scale``) and, when enabled, one horizontal flip for all frames; in evaluation the image
+    decoder's evaluation transform on every frame (resize the shorter side to S, centre-crop).
+    Normalisation happens on the device.
 
     Decoding runs single-threaded in each data-loader worker (see ``_video_stream``).
     """
@@ -128,15 +130,14 @@ class VideoDecoder:
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
         jitter = rng if self.train else None
         frames = decode_frames(data, lambda count: sample_frame_indices(count, self.num_frames, jitter))
+        if not self.train:  # each frame as images are evaluated: open_clip's resize and centre crop
+            return torch.stack([resize_centre_crop(Image.fromarray(frame), self.image_size) for frame in frames])
         pixels = torch.from_numpy(np.stack(frames))  # (T, H, W, 3)
         height, width = pixels.shape[1:3]
-        if self.train:
-            top, left, crop_height, crop_width = random_resized_crop_box(width, height, self.crop_scale, rng)
-        else:
-            top, left, crop_height, crop_width = centre_square_box(width, height)
+        top, left, crop_height, crop_width = random_resized_crop_box(width, height, self.crop_scale, rng)
         region = pixels[:, top : top + crop_height, left : left + crop_width]
         out = resize_frames(region, self.image_size)
-        if self.train and self.horizontal_flip and rng.random() < 0.5:
+        if self.horizontal_flip and rng.random() < 0.5:
             out = out.flip(-1)
         return out
 

@@ -25,7 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from clipkit.config import ExperimentConfig, save_config
-from clipkit.data.pipeline import SkipRateGuard, build_loader, count_samples, expand_shards, training_stream
+from clipkit.data.pipeline import ShardStream, SkipRateGuard, build_loader, training_stream
+from clipkit.data.shards import count_samples, drop_missing_shards, expand_shards, shard_sources
+from clipkit.errors import DataError
 from clipkit.losses import build_loss
 from clipkit.modalities import get_modality
 from clipkit.model import ContrastiveModel, create_model
@@ -72,15 +74,26 @@ def steps_per_epoch(config: ExperimentConfig, shards: list[str], world_size: int
     """Optimizer steps in one pass over the data: samples // (batch × accumulation × ranks)."""
     num_samples = config.data.train_num_samples or count_samples(shards)
     if num_samples is None:
-        raise ValueError(
-            "cannot tell how many samples the training shards hold: no sizes.json beside them. "
-            "Set data.train_num_samples or train.max_steps."
+        unknown = next(url for url in shards if count_samples([url]) is None)
+        raise DataError(
+            f"cannot tell how many samples the training shards hold ({unknown} has no entry in a sizes.json "
+            "beside it, nor an img2dataset NAME_stats.json): set data.train_num_samples to the samples in "
+            "one epoch, or train.max_steps to train that many steps whatever the epochs"
         )
     global_batch = config.data.batch_size * config.train.accum_freq * world_size
     steps = num_samples // global_batch
     if steps == 0:
-        raise ValueError(f"{num_samples} training samples make no full global batch of {global_batch}")
+        raise DataError(f"{num_samples} training samples make no full global batch of {global_batch}")
     return steps
+
+
+def total_training_steps(config: ExperimentConfig, stream: ShardStream, world_size: int) -> int:
+    """``train.max_steps`` if set (the data then needs no known size), else epochs × steps per epoch."""
+    if config.train.max_steps:
+        return config.train.max_steps
+    if config.data.resampled:
+        return config.train.epochs * max(1, stream.batches_per_rank() // config.train.accum_freq)
+    return config.train.epochs * steps_per_epoch(config, stream.shards, world_size)
 
 
 class StopSignal:
@@ -147,17 +160,21 @@ class Trainer:
         self.pair: tuple[str, str] = self.model.modalities[:2]
         fields = [get_modality(name, config.model, config.data.augment).field(train=True)
                   for name in self.pair]
+        # Missing local shards are named once, before training, and their samples count as skipped;
+        # with none left the run stops here instead of warning on every draw.
+        sources, self.missing = drop_missing_shards(shard_sources(config.data.train_shards,
+                                                                  config.data.train_data_weights))
+        if self.missing.shards and self.dist.is_main:
+            log.warning("%s; training on the others, their samples counted as skipped",
+                        self.missing.describe(len(expand_shards(config.data.train_shards))))
         self.stream = training_stream(config.data, fields, seed=config.train.seed, rank=self.dist.rank,
-                                      world_size=self.dist.world_size)
+                                      world_size=self.dist.world_size, sources=sources)
         self.loader = build_loader(self.stream, config.data.num_workers, pin_memory=self.device.type == "cuda",
                                    start_method=config.data.worker_start_method)
-        if config.data.resampled:
-            self.steps_per_epoch = max(1, self.stream.batches_per_rank() // config.train.accum_freq)
-        else:
-            self.steps_per_epoch = steps_per_epoch(config, expand_shards(config.data.train_shards),
-                                                   self.dist.world_size)
+        self.total_steps = total_training_steps(config, self.stream, self.dist.world_size)
         self.skip_guard = SkipRateGuard(config.data.max_skip_fraction)
-        self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
+        # Each rank would have read a share of the missing shards' samples.
+        self.skip_guard.update(0, (self.missing.samples or 0) // self.dist.world_size)
         self.optimizer = build_optimizer(self.model, config.train)
         self.scheduler = build_scheduler(self.optimizer, config.train, self.total_steps)
         self.loss_fn = build_loss(config.model.loss, local_loss=config.train.local_loss)
@@ -232,7 +249,9 @@ class Trainer:
                 self.skip_guard.update(len(batch[self.pair[0]]), int(batch["num_skipped"]))
                 yield batch
             if empty and not resumed_mid_epoch:  # a run resumed at an epoch's very end finds it empty
-                raise RuntimeError(f"the training shards yielded no full batch: {self.config.data.train_shards}")
+                raise DataError(f"the training shards yielded no full batch of {self.config.data.batch_size} "
+                                f"({self.skip_guard.skipped} samples skipped; the warnings above say why): "
+                                f"{self.config.data.train_shards}")
             self.epoch += 1
             self.batches_in_epoch = 0
 
@@ -320,7 +339,8 @@ class Trainer:
         start_step, start_samples = self.step, self.samples_seen
         window = _Window(start)
         loss = torch.tensor(float("nan"))
-        skipped = 0
+        # The missing shards' samples are counted once, by rank 0, so the sum over ranks holds them once.
+        skipped = (self.missing.samples or 0) if self.dist.is_main else 0
         skipped_by_shard: collections.Counter[str] = collections.Counter()
         micro_batches = self._micro_batches()
         interrupted = False
@@ -410,6 +430,7 @@ class _Window:
             "data_wait_fraction": self.data_wait / elapsed,
             "samples_seen": trainer.samples_seen,
             "skipped_samples": round(totals[1].item() * world),
+            "missing_shards": len(trainer.missing.shards),
         }
         if model.logit_bias is not None:
             record["logit_bias"] = model.logit_bias.item()
