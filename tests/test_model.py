@@ -1,3 +1,8 @@
+import random
+import string
+import time
+
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,6 +120,38 @@ def test_pretrained_trunk_loads_from_local_file(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_weights_file_that_does_not_fit_the_trunk_stops_naming_the_keys(tmp_path):
+    source = create_timm_trunk("test_byobnet", pretrained=False, pretrained_file=None)
+    # An open_clip file: the same trunk under open_clip's key prefix.
+    save_file({f"visual.trunk.{k}": v for k, v in source.state_dict().items()}, tmp_path / "open_clip.safetensors")
+    with pytest.raises(PretrainedWeightsError, match=r"86 weights of the model are not in the file \(stem.conv.weight"
+                                                     r".*keys of the file are not in the model \(visual.trunk."):
+        create_timm_trunk("test_byobnet", pretrained=False, pretrained_file=str(tmp_path / "open_clip.safetensors"))
+    partial = dict(source.state_dict())
+    del partial["stages.3.0.conv3_1x1.bn.running_mean"]
+    save_file(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(PretrainedWeightsError, match=r"1 weights of the model are not in the file \(stages.3.0.conv3_1x1.bn.running_mean\)"):
+        create_timm_trunk("test_byobnet", pretrained=False, pretrained_file=str(tmp_path / "partial.safetensors"))
+    # Another architecture's weights: shapes do not fit.
+    save_file(create_timm_trunk("test_resnet", pretrained=False, pretrained_file=None).state_dict(),
+              tmp_path / "resnet.safetensors")
+    with pytest.raises(PretrainedWeightsError, match="does not fit timm model 'test_byobnet'"):
+        create_timm_trunk("test_byobnet", pretrained=False, pretrained_file=str(tmp_path / "resnet.safetensors"))
+
+
+def test_a_weights_file_that_is_a_pickle_of_code_is_refused_unrun(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"stem.conv.weight": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(PretrainedWeightsError, match="not a plain weights file: unpickling it would run code"):
+        create_timm_trunk("test_byobnet", pretrained=False, pretrained_file=str(tmp_path / "evil.pth"))
+    assert not marker.exists()
+
+
 def test_missing_pretrained_file_and_offline_hub_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(PretrainedWeightsError, match="does not exist.*download"):
         create_timm_trunk("test_byobnet", pretrained=True, pretrained_file=str(tmp_path / "none.safetensors"))
@@ -122,3 +159,15 @@ def test_missing_pretrained_file_and_offline_hub_give_clear_errors(tmp_path, mon
     with pytest.raises(PretrainedWeightsError, match="Offline\\? Download model.safetensors.*pretrained_file"):
         create_timm_trunk("resnet18", pretrained=True, pretrained_file=None)
 
+
+
+def test_a_huge_one_word_caption_tokenizes_at_once():
+    from clipkit.modalities.text import tokenize
+
+    rng = random.Random(0)
+    word = "".join(rng.choice(string.ascii_letters) for _ in range(1_000_000))  # BPE's worst case
+    start = time.perf_counter()
+    tokens = tokenize([word, "a photo of a cat"], 77)
+    assert time.perf_counter() - start < 20  # unbounded, this word takes hours
+    assert tokens.shape == (2, 77) and (tokens[0] > 0).all()
+    assert torch.equal(tokens[1], open_clip.tokenize(["a photo of a cat"])[0])  # normal text: unchanged

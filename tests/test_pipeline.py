@@ -1,9 +1,12 @@
+import gzip
 import io
+import json
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +17,7 @@ from clipkit.data.pipeline import (
     METADATA_FIELD,
     DataQualityError,
     ShardStream,
+    ShardReader,
     SkipRateGuard,
     build_loader,
     loader_position,
@@ -128,7 +132,7 @@ def test_only_members_that_fields_decode_are_read(tmp_path):
     assert [sorted(key for key in sample if not key.startswith("__")) for sample in samples] == [["jpg", "txt"]]
     assert len(list(read_shards([shard]))) == 2  # without a filter, every member of every sample
     stream = ShardStream([shard], fields(train=True)[:2], 1, train=True)
-    raw = next(stream._raw_samples(0, 1))  # what the shuffle buffer would hold
+    raw = next(stream._raw_samples(0, 1, ShardReader({"jpg", "txt"})))  # what the shuffle buffer would hold
     assert {key for key in raw if not key.startswith("__")} == {"jpg", "txt"}
     assert member_extension("dir/k001.seg.PNG") == "seg.png" and member_extension("k001") == ""
 
@@ -144,7 +148,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
     batches = list(build_loader(ShardStream([shard], fields(), 10, train=False), 0))
     assert keys_of(batches) == ["good0", "good1"]
     assert sum(int(b["num_skipped"]) for b in batches) == 4
-    assert [url for b in batches for url in b["skipped_shards"]] == [shard] * 4
+    assert [b["skipped_shards"] for b in batches if b["skipped_shards"]] == [{shard: 4}]
     text = caplog.text
     for key in ("corrupt", "nocaption", "latin1", "empty"):
         assert key in text
@@ -161,8 +165,59 @@ def test_truncated_shard_yields_what_it_can(toy_shards, tmp_path, caplog):
     from_truncated = [k for k in keys if int(k[4:]) < 64]
     # The first half of the 64-sample shard survives; the next shard (32 samples) is read whole.
     assert 20 < len(from_truncated) < 64 and len(keys) - len(from_truncated) == 32
-    assert "unreadable" in caplog.text and "truncated.tar" in caplog.text
-    assert sum(int(b["num_skipped"]) for b in batches) <= 1  # at most the sample cut in half
+    assert "broken shard" in caplog.text and "truncated.tar" in caplog.text
+    assert [b["broken_shards"] for b in batches if b["broken_shards"]] == [[str(truncated)]]
+    # Not in a sizes.json: what it lost is unknown, so only the sample cut in half can be counted.
+    assert sum(int(b["num_skipped"]) for b in batches) <= 1
+
+
+def broken_copies(toy_shards, folder: Path) -> dict[str, int]:
+    """The toy training shards (64 samples each, listed in sizes.json) copied and broken each way a
+    shard breaks; returns how many samples each broken copy should have held."""
+    folder.mkdir()
+    originals = [Path(p).read_bytes() for p in toy_shards.train_shards]
+    damage = {
+        "truncated": lambda data: data[: len(data) // 2],
+        "random": lambda data: np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes(),
+        "gzip": lambda data: gzip.compress(bytes(range(256)) * 64),
+        "empty": lambda data: b"",
+    }
+    sizes = {}
+    for (name, breaking), data in zip(damage.items(), originals):
+        (folder / f"{name}.tar").write_bytes(breaking(data))
+        sizes[f"{name}.tar"] = 64
+    (folder / "folder.tar").mkdir()
+    sizes["folder.tar"] = 64
+    sizes["missing.tar"] = 64  # listed, never written
+    (folder / "good.tar").write_bytes(originals[-1])
+    sizes["good.tar"] = 64
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    return sizes
+
+
+def test_broken_shards_count_the_samples_they_lost(toy_shards, tmp_path, caplog):
+    sizes = broken_copies(toy_shards, tmp_path / "shards")
+    shards = [str(tmp_path / "shards" / name) for name in sizes]
+    batches = list(build_loader(ShardStream(shards, fields(), 16, train=False), 0))
+    delivered = sum(len(b["image"]) for b in batches if "image" in b)
+    skipped = sum(int(b["num_skipped"]) for b in batches)
+    broken = [url for b in batches for url in b["broken_shards"]]
+    assert delivered + skipped == 64 * len(sizes)  # every sample the shards should hold is accounted for
+    assert 64 < delivered <= 64 + 32  # the good shard and the first part of the truncated one
+    assert {"random.tar", "gzip.tar", "empty.tar", "folder.tar", "missing.tar"} <= {Path(url).name for url in broken}
+    lost = {}
+    for b in batches:
+        for url, count in b["skipped_shards"].items():
+            lost[Path(url).name] = lost.get(Path(url).name, 0) + count
+    assert all(lost[name] == 64 for name in ("random.tar", "gzip.tar", "empty.tar", "folder.tar", "missing.tar"))
+    assert 32 <= lost["truncated.tar"] < 64  # known from sizes.json, with or without a read error
+
+
+def test_duplicate_keys_are_counted_and_kept(toy_shards, tmp_path):
+    shard = str(toy_shards.train_shards[0])
+    batches = list(build_loader(ShardStream([shard, shard], fields(), 16, train=False), 0))
+    assert sum(len(b["image"]) for b in batches if "image" in b) == 128
+    assert sum(b["duplicate_keys"] for b in batches) == 64
 
 
 def test_image_decoder_outputs():

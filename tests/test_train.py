@@ -9,6 +9,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -304,6 +305,32 @@ def test_too_many_bad_samples_stop_the_run(tiny_config, toy_shards, tmp_path):
     config.data.max_skip_fraction = 0.2
     with pytest.raises(DataQualityError, match="data.max_skip_fraction"):
         Trainer(config, progress=False).fit()
+
+
+@pytest.mark.parametrize("damage", ["half-random", "all-truncated"])
+def test_broken_shards_count_toward_the_skip_guard(tiny_config, toy_shards, tmp_path, damage):
+    originals = [Path(p).read_bytes() for p in toy_shards.train_shards]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    sizes = {}
+    for i in range(20):  # 20 shards of 64: 1280 samples, enough for the guard to judge
+        data = originals[i % len(originals)]
+        if damage == "all-truncated":
+            data = data[: len(data) // 2]
+        elif i % 2:
+            data = np.random.default_rng(i).integers(0, 256, len(data), dtype=np.uint8).tobytes()
+        (folder / f"s-{i:02d}.tar").write_bytes(data)
+        sizes[f"s-{i:02d}.tar"] = 64
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    config = tiny_config
+    config.data.train_shards = str(folder / "s-{00..19}.tar")
+    config.data.shuffle_buffer = 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    done = subprocess.run([sys.executable, "-m", "clipkit", "train", "--config", str(path), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "data.max_skip_fraction" in done.stderr and "were skipped" in done.stderr
 
 
 def short_run(config: ExperimentConfig, name: str, **train_options) -> Trainer:

@@ -2,9 +2,10 @@
 → decode → batch.
 
 Batches are dicts of stacked tensors keyed by field name (``image``, ``text``, ``label``, ...), plus
-``num_skipped``: how many samples this worker dropped (missing member, undecodable bytes) since its
-previous batch, and ``skipped_shards``: the shard URL of each of them, so the trainer can count bad
-data across worker processes and name the shards it comes from.
+what this worker lost since its previous batch (``num_skipped``, ``skipped_shards``,
+``broken_shards``, ``duplicate_keys``: see :func:`_accounting`), so the trainer can count bad data
+across worker processes and name the shards it comes from. A worker that lost samples after its
+last batch ends with a batch of only those keys.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -22,7 +25,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from clipkit.config import DataConfig
-from clipkit.data.shards import ShardSource, count_samples, shard_sources
+from clipkit.data.shards import ShardSource, count_samples, is_local, shard_count, shard_sources
 from clipkit.errors import DataError
 from clipkit.modalities.base import FieldDecoder
 
@@ -87,11 +90,6 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Itera
     yield from buffer
 
 
-def _log_tar_error(err: Exception) -> bool:
-    log.warning("skipping unreadable shard data: %s: %s", type(err).__name__, err)
-    return True
-
-
 def member_extension(name: str) -> str:
     """The extension by which webdataset groups a tar member into a sample: all after the first dot of
     the file name, lower-cased (``a/b/k.seg.PNG`` → ``seg.png``)."""
@@ -109,32 +107,92 @@ class _KeepExtensions:
         return member_extension(name) in self.extensions
 
 
-def read_shards(urls: Iterable[str], extensions: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples of each tar in turn: member bytes by extension, plus ``__key__`` and ``__url__``.
+@dataclass
+class ReadCounts:
+    """What a :class:`ShardReader` could not deliver since the counts were last taken."""
 
-    With ``extensions``, other members are passed over unread (captions' metadata, other modalities),
-    and a sample with none of them is not yielded. Unreadable data is logged and passed over; a
-    truncated tar yields the samples before the damage.
+    lost: Counter[str] = field(default_factory=Counter)  # shard → samples it should have held but did not yield
+    broken: list[str] = field(default_factory=list)  # shards whose reading failed
+    duplicates: int = 0  # samples whose key this reader had seen before (kept)
+
+
+class ShardReader:
+    """Raw samples of tar shards, one shard at a time: member bytes by extension, plus ``__key__``
+    and ``__url__``; with ``extensions``, other members are passed over unread.
+
+    Nothing it cannot read is lost silently. A broken shard (truncated mid-member, random bytes or
+    gzip garbage, zero bytes, a folder named ``.tar``, missing) yields the samples before the damage
+    and is recorded in ``broken``; a shard that yields fewer samples than its ``sizes.json`` entry
+    (broken, or samples with none of the wanted members) has the difference counted in ``lost``. A
+    key seen before, in the same shard or an earlier one this reader read, is counted in
+    ``duplicates`` and kept (webdataset would merge members of one key that follow each other;
+    reading shard by shard keeps two shards' samples apart). :meth:`take_counts` hands the counts
+    over and starts new ones.
     """
-    select = None if extensions is None else _KeepExtensions(frozenset(extensions))
-    read_tars = wds.tarfile_to_samples(handler=_log_tar_error, select_files=select)
-    return iter(read_tars({"url": url} for url in urls))
+
+    def __init__(self, extensions: Iterable[str] | None = None) -> None:
+        self.select = None if extensions is None else _KeepExtensions(frozenset(extensions))
+        self.counts = ReadCounts()
+        self._keys: set[int] = set()
+        self._sizes: dict[Path, dict[str, int]] = {}
+
+    def take_counts(self) -> ReadCounts:
+        counts, self.counts = self.counts, ReadCounts()
+        return counts
+
+    def read(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+        for url in urls:
+            yield from self.read_shard(url)
+
+    def read_shard(self, url: str) -> Iterator[dict[str, Any]]:
+        errors: list[Exception] = []
+
+        def keep_going(err: Exception) -> bool:
+            errors.append(err)
+            return True
+
+        yielded = duplicates = 0
+        for sample in wds.tarfile_to_samples(handler=keep_going, select_files=self.select)([{"url": url}]):
+            key = hash(sample.get("__key__"))
+            if key in self._keys:
+                duplicates += 1
+            self._keys.add(key)
+            yielded += 1
+            yield sample
+        expected = shard_count(url, self._sizes) if is_local(url) else None
+        lost = max(0, expected - yielded) if expected is not None else 0
+        if errors:
+            self.counts.broken.append(url)
+            log.warning("broken shard %s (%s: %s): %d samples read, %s lost", url, type(errors[0]).__name__,
+                        errors[0], yielded, lost if expected is not None else "an unknown number (no sizes.json entry)")
+        elif lost:
+            log.warning("shard %s yielded %d of the %d samples its sizes.json lists (%d without the members "
+                        "%s)", url, yielded, expected, lost, "/".join(sorted(self.select.extensions)) if self.select else "")
+        if lost:
+            self.counts.lost[url] += lost
+        if duplicates:
+            self.counts.duplicates += duplicates
+            log.warning("%d samples of shard %s have keys seen before (kept; keys name samples, so a duplicate "
+                        "is usually a copied shard or two shard sets with overlapping keys)", duplicates, url)
 
 
-def read_resampled_shards(
-    urls: Iterable[str], patience: int, extensions: Iterable[str] | None = None
-) -> Iterator[dict[str, Any]]:
-    """:func:`read_shards` over an endless draw of ``urls``, failing after ``patience`` empty shards in a
-    row: with every shard unreadable, an endless stream would otherwise only ever log warnings."""
+def read_shards(urls: Iterable[str], extensions: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The raw samples of each tar in turn (see :class:`ShardReader`)."""
+    return ShardReader(extensions).read(urls)
+
+
+def read_resampled_shards(urls: Iterable[str], patience: int, reader: ShardReader) -> Iterator[dict[str, Any]]:
+    """``reader``'s samples over an endless draw of ``urls``, failing after ``patience`` empty shards
+    in a row: with every shard unreadable, an endless stream would otherwise only ever log warnings."""
     empty_in_a_row = 0
     for url in urls:
         empty_in_a_row += 1
-        for sample in read_shards([url], extensions):
+        for sample in reader.read_shard(url):
             empty_in_a_row = 0
             yield sample
         if empty_in_a_row >= patience:
             raise DataError(f"{patience} shards drawn in a row held no readable sample (the last: {url}); "
-                               "check the shard paths and the warnings above")
+                            "check the shard paths and the warnings above")
 
 
 def loader_position(batch_counts: Sequence[float], position: int) -> tuple[list[int], int]:
@@ -309,15 +367,12 @@ class ShardStream(IterableDataset):
             return [0] * num_workers, 0
         return loader_position(self._worker_batch_counts(num_workers), self.skip_batches)
 
-    def _raw_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, worker: int, num_workers: int, reader: ShardReader) -> Iterator[dict[str, Any]]:
         """This worker's undecoded samples in the order it batches them (after the shuffle buffer)."""
-        # Only the members some field decodes are read: the shuffle buffer holds no unused bytes.
-        extensions = {ext for spec in self.decoder.fields for ext in spec.extensions}
         if self.resampled:
-            samples = read_resampled_shards(self._resampled_urls(worker), patience=100 + 10 * len(self.shards),
-                                            extensions=extensions)
+            samples = read_resampled_shards(self._resampled_urls(worker), 100 + 10 * len(self.shards), reader)
         else:
-            samples = read_shards(self._worker_shards(worker, num_workers), extensions)
+            samples = reader.read(self._worker_shards(worker, num_workers))
         if self.train and self.shuffle_size > 1:
             rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
             samples = shuffle_buffer(samples, self.shuffle_size, rng)
@@ -330,47 +385,56 @@ class ShardStream(IterableDataset):
         # The DataLoader always starts its round-robin at slot 0: rotate the workers' roles so the
         # worker whose batch comes next at the resume position sits there.
         worker = (first + slot) % num_workers
-        samples = itertools.islice(self._raw_samples(worker, num_workers), skip[worker] * self.batch_size, None)
-        batches = self._decode_and_batch(samples)
+        # Only the members some field decodes are read: the shuffle buffer holds no unused bytes.
+        reader = ShardReader({ext for spec in self.decoder.fields for ext in spec.extensions})
+        raw = self._raw_samples(worker, num_workers, reader)
+        samples = itertools.islice(raw, skip[worker] * self.batch_size, None)
+        batches = self._decode_and_batch(samples, reader)
         if self.resampled:  # an endless worker stops at its share of the epoch
             batches = itertools.islice(batches, self._resampled_worker_batches(worker, num_workers) - skip[worker])
         yield from batches
 
-    def _decode_and_batch(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def _decode_and_batch(self, samples: Iterable[dict[str, Any]], reader: ShardReader) -> Iterator[dict[str, Any]]:
         batch: list[dict[str, Any]] = []
-        skipped_shards: list[str] = []
+        skipped: Counter[str] = Counter()
         for sample in samples:
             decoded = self.decoder(sample, f"{self.seed}/{self.epoch}")
             if decoded is None:
-                skipped_shards.append(str(sample.get("__url__")))
+                skipped[str(sample.get("__url__"))] += 1
                 continue
             batch.append(decoded)
             if len(batch) == self.batch_size:
-                yield _collate(batch, skipped_shards)
-                batch, skipped_shards = [], []
+                yield _collate(batch, skipped, reader.take_counts())
+                batch, skipped = [], Counter()
         # Training drops the ragged last batch (a contrastive batch of 3 is a different task);
-        # evaluation keeps every sample, and reports the skipped samples after the last batch too
-        # (in a batch that holds only the counts when no sample is left).
+        # evaluation keeps every sample. What was skipped or lost after the last batch is reported
+        # too, in a batch that holds only the counts when no sample is left.
+        counts = reader.take_counts()
         if not self.train and batch:
-            yield _collate(batch, skipped_shards)
-        elif not self.train and skipped_shards:
-            yield {"num_skipped": torch.tensor(len(skipped_shards)), "skipped_shards": skipped_shards}
+            yield _collate(batch, skipped, counts)
+        elif skipped or counts.lost or counts.broken or counts.duplicates:
+            yield _accounting(skipped, counts)
 
 
-def _collate(items: list[dict[str, Any]], skipped_shards: list[str]) -> dict[str, Any]:
-    """Stack tensor fields to (B, ...); other fields (metadata dicts) become lists of length B.
+def _accounting(skipped: Counter[str], counts: ReadCounts) -> dict[str, Any]:
+    """The batch keys that report lost data: ``num_skipped`` (scalar int64: undecodable samples and
+    samples broken shards lost), ``skipped_shards`` (shard URL → how many of those it had),
+    ``broken_shards`` (URLs of shards that failed to read) and ``duplicate_keys`` (int)."""
+    per_shard = skipped + counts.lost
+    return {"num_skipped": torch.tensor(sum(per_shard.values())), "skipped_shards": dict(per_shard),
+            "broken_shards": list(counts.broken), "duplicate_keys": counts.duplicates}
 
-    ``num_skipped`` (scalar int64 tensor) and ``skipped_shards`` (list of shard URLs, one per sample)
-    report the samples this worker dropped since its previous batch.
-    """
+
+def _collate(items: list[dict[str, Any]], skipped: Counter[str], counts: ReadCounts) -> dict[str, Any]:
+    """Stack tensor fields to (B, ...); other fields (metadata dicts) become lists of length B; plus
+    what this worker skipped and lost since its previous batch (:func:`_accounting`)."""
     batch: dict[str, Any] = {}
     for key, first in items[0].items():
         values = [item[key] for item in items]
         # default_collate stacks straight into shared memory in a worker process, so sending the
         # batch to the main process copies nothing.
         batch[key] = default_collate(values) if isinstance(first, torch.Tensor) else values
-    batch["num_skipped"] = torch.tensor(len(skipped_shards))
-    batch["skipped_shards"] = skipped_shards
+    batch.update(_accounting(skipped, counts))
     return batch
 
 

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from clipkit.data.captions import parse_captions
-from clipkit.data.pipeline import read_shards
+from clipkit.data.pipeline import ShardReader
 from clipkit.data.shards import is_local
 from clipkit.eval.encoders import Encoder, encoder_device
 from clipkit.eval.layout import resolve_dataset
@@ -60,6 +60,11 @@ class _Part:
     stem: str
     source: str  # the shard's full path (or URL), or the folder and chunk of files
     samples: Iterable[dict[str, Any]]  # raw samples: {"__key__", "__url__", ext: bytes, ...}
+    reader: ShardReader | None = None  # for a shard: what it could not deliver
+
+    def lost_samples(self) -> int:
+        """Samples a broken shard should have held but did not yield (once the samples are read)."""
+        return sum(self.reader.take_counts().lost.values()) if self.reader is not None else 0
 
 
 def part_stem(name: str, source: str) -> str:
@@ -72,7 +77,8 @@ def _shard_parts(urls: Sequence[str], extensions: Sequence[str]) -> Iterator[_Pa
     for url in urls:
         source = str(Path(url).resolve()) if is_local(url) else url
         name = Path(url).name.removesuffix(".tar")
-        yield _Part(part_stem(name, source), source, read_shards([url], [*extensions, "txt", "json"]))
+        reader = ShardReader([*extensions, "txt", "json"])
+        yield _Part(part_stem(name, source), source, reader.read_shard(url), reader)
 
 
 def _file_sample(path: Path, root: Path) -> dict[str, Any]:
@@ -205,7 +211,7 @@ def embed_to_dir(encoder: Encoder, modality: str, dataset: str, out_dir: str | P
             skipped += 1
             continue
         features, records, bad = _embed_part(encoder, decoder, part, batch_size)
-        failed += bad
+        failed += bad + part.lost_samples()
         if features is None:
             log.warning("%s: no decodable %s sample; nothing written for it", part.source, modality)
             empty += 1

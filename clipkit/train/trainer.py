@@ -14,7 +14,7 @@ import logging
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -96,6 +96,23 @@ def total_training_steps(config: ExperimentConfig, stream: ShardStream, world_si
     return config.train.epochs * steps_per_epoch(config, stream.shards, world_size)
 
 
+@dataclass
+class DataAccount:
+    """What this rank's training data lost so far: samples skipped (undecodable, incomplete, or held by
+    a broken or missing shard), per shard, the broken shards, and keys seen twice."""
+
+    skipped: int = 0
+    by_shard: collections.Counter[str] = field(default_factory=collections.Counter)
+    broken_shards: set[str] = field(default_factory=set)
+    duplicate_keys: int = 0
+
+    def add(self, batch: dict[str, Any]) -> None:
+        self.skipped += int(batch["num_skipped"])
+        self.by_shard.update(batch["skipped_shards"])
+        self.broken_shards.update(batch["broken_shards"])
+        self.duplicate_keys += batch["duplicate_keys"]
+
+
 class StopSignal:
     """Turns SIGTERM / SIGINT (a preempted or cancelled job) into a flag the loop checks between steps."""
 
@@ -172,6 +189,8 @@ class Trainer:
         self.loader = build_loader(self.stream, config.data.num_workers, pin_memory=self.device.type == "cuda",
                                    start_method=config.data.worker_start_method)
         self.total_steps = total_training_steps(config, self.stream, self.dist.world_size)
+        # The missing shards' samples are counted once, by rank 0, so the sum over ranks holds them once.
+        self.account = DataAccount(skipped=(self.missing.samples or 0) if self.dist.is_main else 0)
         self.skip_guard = SkipRateGuard(config.data.max_skip_fraction)
         # Each rank would have read a share of the missing shards' samples.
         self.skip_guard.update(0, (self.missing.samples or 0) // self.dist.world_size)
@@ -244,9 +263,13 @@ class Trainer:
             self.stream.set_epoch(self.epoch, skip_batches=self.batches_in_epoch)
             empty = True
             for batch in self.loader:
+                self.account.add(batch)
+                delivered = len(batch[self.pair[0]]) if self.pair[0] in batch else 0
+                self.skip_guard.update(delivered, int(batch["num_skipped"]))
+                if not delivered:  # a worker's last report of what it lost: no samples, no position
+                    continue
                 empty = False
                 self.batches_in_epoch += 1
-                self.skip_guard.update(len(batch[self.pair[0]]), int(batch["num_skipped"]))
                 yield batch
             if empty and not resumed_mid_epoch:  # a run resumed at an epoch's very end finds it empty
                 raise DataError(f"the training shards yielded no full batch of {self.config.data.batch_size} "
@@ -339,9 +362,6 @@ class Trainer:
         start_step, start_samples = self.step, self.samples_seen
         window = _Window(start)
         loss = torch.tensor(float("nan"))
-        # The missing shards' samples are counted once, by rank 0, so the sum over ranks holds them once.
-        skipped = (self.missing.samples or 0) if self.dist.is_main else 0
-        skipped_by_shard: collections.Counter[str] = collections.Counter()
         micro_batches = self._micro_batches()
         interrupted = False
         metrics = MetricsLogger(self.output_dir, append=config.train.resume is not None) if self.dist.is_main else None
@@ -356,14 +376,12 @@ class Trainer:
                 window.data_wait += time.perf_counter() - wait_start
                 loss = self.train_step(batches)
                 batch_samples = sum(len(b[self.pair[0]]) for b in batches)
-                skipped_by_shard.update(url for b in batches for url in b["skipped_shards"])
                 self.step += 1
                 self.samples_seen += batch_samples * self.dist.world_size
-                skipped += sum(int(b["num_skipped"]) for b in batches)
                 window.add(loss, batch_samples)
                 bar.update(1)
                 if self.step % config.train.log_every == 0 or self.step == self.total_steps:
-                    record = window.summary(self, skipped)
+                    record = window.summary(self)
                     if metrics is not None:
                         metrics.log(self.step, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
@@ -373,10 +391,12 @@ class Trainer:
                 if stop.should_stop(self.dist):
                     interrupted = True
                     break
-        if skipped:
-            per_shard = ", ".join(f"{url}: {count}" for url, count in skipped_by_shard.most_common())
-            log.warning("rank %d skipped %d undecodable or incomplete samples (%s); see the warnings above",
-                        self.dist.rank, skipped, per_shard)
+        account = self.account
+        if account.skipped:
+            per_shard = ", ".join(f"{url}: {count}" for url, count in account.by_shard.most_common())
+            broken = f"; {len(account.broken_shards)} broken shard(s)" if account.broken_shards else ""
+            log.warning("rank %d skipped %d undecodable or incomplete samples (%s)%s; see the warnings above",
+                        self.dist.rank, account.skipped, per_shard, broken)
         checkpoint = self.save()
         if not interrupted:
             checkpoint = self._save_final()
@@ -385,7 +405,7 @@ class Trainer:
                         self.total_steps)
         final_loss = float(all_reduce_mean(loss.to(self.device)).item())
         return TrainResult(checkpoint, self.step - start_step, self.samples_seen - start_samples,
-                           final_loss, time.perf_counter() - start, skipped, interrupted)
+                           final_loss, time.perf_counter() - start, account.skipped, interrupted)
 
     def _save_final(self) -> Path:
         """The trained model alone (weights + config) as ``checkpoints/final.pt``, for evaluation and serving."""
@@ -411,13 +431,15 @@ class _Window:
         self.steps += 1
         self.samples += samples
 
-    def summary(self, trainer: Trainer, skipped_total: int) -> dict[str, Any]:
+    def summary(self, trainer: Trainer) -> dict[str, Any]:
         """The window's metrics, averaged (loss) or summed (samples, skips) over all ranks."""
         elapsed = time.perf_counter() - self.start
         world = trainer.dist.world_size
         device = trainer.device
-        totals = all_reduce_mean(torch.tensor([float(self.loss_sum) / self.steps, float(skipped_total)],
-                                              device=device, dtype=torch.float64))
+        account = trainer.account
+        totals = all_reduce_mean(torch.tensor(
+            [float(self.loss_sum) / self.steps, account.skipped, len(account.broken_shards), account.duplicate_keys],
+            device=device, dtype=torch.float64))
         model = trainer.model
         record = {
             "epoch": trainer.epoch,
@@ -430,6 +452,8 @@ class _Window:
             "data_wait_fraction": self.data_wait / elapsed,
             "samples_seen": trainer.samples_seen,
             "skipped_samples": round(totals[1].item() * world),
+            "broken_shards": round(totals[2].item() * world),
+            "duplicate_keys": round(totals[3].item() * world),
             "missing_shards": len(trainer.missing.shards),
         }
         if model.logit_bias is not None:
