@@ -55,6 +55,13 @@ class TextTowerConfig:
     # Freeze the whole text tower.
     lock: bool = False
 
+    def __post_init__(self) -> None:
+        _check(
+            ("heads", self.heads >= 1 and self.width % self.heads == 0,
+             f"must divide width ({self.width}) into attention heads of equal size"),
+            ("context_length", self.context_length >= 2, "must be at least 2 (start and end tokens)"),
+        )
+
 
 # Audio front-end presets: the settings of the models clipkit is compared against.
 AUDIO_PRESETS: dict[str, dict[str, Any]] = {
@@ -290,6 +297,8 @@ class TrainConfig:
             ("save_every", self.save_every is None or self.save_every >= 1, "must be at least 1"),
             ("keep_last", self.keep_last >= 1, "must be at least 1"),
             ("log_every", self.log_every >= 1, "must be at least 1"),
+            ("device", DEVICE_NAME.fullmatch(self.device) is not None,
+             f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"),
         )
 
 
@@ -344,7 +353,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with path.open() as fh:
-        raw = yaml.safe_load(fh) or {}
+        raw = _parse_yaml(fh.read(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     source = f"{path} with --set overrides" if overrides else str(path)
@@ -373,8 +382,18 @@ def _merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 where = ".".join(parts[: depth + 1])
                 raise ConfigError(f"--set {item!r}: {where!r} is not a config section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text else ""
+        node[parts[-1]] = _parse_yaml(text, f"--set {item!r}: the value") if text else ""
     return raw
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML as plain data; a syntax error or a tag that would build an object (``!!python/...``) is a
+    ConfigError naming ``where`` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{where} is not valid YAML ({detail})") from None
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
@@ -411,6 +430,7 @@ def _check(*rules: tuple[str, bool, str]) -> None:
             raise ConfigError(f"{key} {message}")
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 

@@ -2,6 +2,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -251,6 +252,28 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_config, toy_shards, t
     assert "trained 2 steps" in done.stdout and (checkpoints / "final.pt").is_file()
     steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps_logged[-2:] == [step + 1, step + 2]  # the resumed run appends to the same log
+
+
+def test_sigterm_to_every_process_of_the_job_saves_and_exits_cleanly(tiny_config, toy_shards, tmp_path):
+    # What Slurm and most launchers do on preemption: SIGTERM to the main process and its data workers.
+    config = with_toy(tiny_config, toy_shards)
+    config.train.max_steps = 100_000
+    config.train.log_every = 1
+    config.data.num_workers = 2
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    process = subprocess.Popen([sys.executable, "-m", "clipkit.train", "--config", str(path)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = Path(config.train.output_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)  # the whole process group: main process and workers
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped by signal after" in stdout and "killed by signal" not in stderr
+    step = json.loads((Path(config.train.output_dir) / "checkpoints" / "latest.json").read_text())["step"]
+    assert step >= 2
 
 
 def test_locked_image_tower_does_not_change(tiny_config, toy_shards):

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,10 +451,19 @@ def worker_start_method(setting: str, stream: ShardStream) -> str | None:
     return "forkserver" if names & set(THREADED_DECODER_FIELDS) else None
 
 
+def ignore_stop_signal(worker_id: int) -> None:
+    """Data-loader workers ignore SIGTERM. Schedulers (Slurm, most launchers) send it to every process
+    of a preempted job; a worker that died of it would crash the main process's next fetch before
+    the main process, which got the same signal, can finish its step, save and exit cleanly. The
+    workers end when the main process shuts the loader down (or dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(
     stream: ShardStream, num_workers: int, *, pin_memory: bool = False, start_method: str = "auto"
 ) -> DataLoader:
-    """A DataLoader over a :class:`ShardStream`; never more workers than this rank has shards."""
+    """A DataLoader over a :class:`ShardStream`; never more workers than this rank has shards, each
+    ignoring SIGTERM (:func:`ignore_stop_signal`)."""
     limit = stream.max_workers()
     if limit is not None and num_workers > limit:
         log.warning("only %d shard(s) for this rank: using %d data workers instead of %d",
@@ -466,6 +476,7 @@ def build_loader(
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
         multiprocessing_context=worker_start_method(start_method, stream) if num_workers else None,
+        worker_init_fn=ignore_stop_signal if num_workers else None,
     )
 
 

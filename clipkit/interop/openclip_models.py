@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +136,14 @@ def _create(arch: str, pretrained: str | None, device: str, allow_download: bool
         model, _, preprocess = open_clip.create_model_and_transforms(arch, device=device)
         return model, preprocess
     if Path(pretrained).expanduser().is_file():
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=str(Path(pretrained).expanduser()), device=device)
+        path = Path(pretrained).expanduser()
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(path), device=device)
+        except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused code in the pickle
+            raise PretrainedWeightsError(f"--pretrained {path} is not a plain weights file: unpickling it would "
+                                         f"run code, and weights load with weights_only=True ({err})") from err
+        except RuntimeError as err:  # keys or shapes that do not fit the architecture
+            raise PretrainedWeightsError(f"--pretrained {path} does not fit open_clip model {arch}: {err}") from err
         return model, preprocess
     pretrained_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not pretrained_cfg:

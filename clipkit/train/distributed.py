@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from clipkit.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -38,8 +40,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}, but this machine has no CUDA device that torch can use; "
+                          "set train.device=cpu (or auto, which picks a GPU when there is one)")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from clipkit.config import ExperimentConfig, save_config
+from clipkit.config import ConfigError, ExperimentConfig, save_config
 from clipkit.data.pipeline import ShardStream, SkipRateGuard, build_loader, training_stream
 from clipkit.data.shards import count_samples, drop_missing_shards, expand_shards, shard_sources
 from clipkit.errors import DataError
@@ -35,6 +35,7 @@ from clipkit.train.checkpoint import Checkpointer, load_checkpoint, rng_state, s
 from clipkit.train.distributed import DistributedContext, all_reduce_mean, init_distributed
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler
+from clipkit.train.resume import check_resume
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,9 @@ class Trainer:
     def __init__(self, config: ExperimentConfig, *, progress: bool = True) -> None:
         if not config.data.train_shards:
             raise ValueError("data.train_shards is empty: point it at webdataset shards")
+        output = Path(config.train.output_dir)
+        if output.exists() and not output.is_dir():
+            raise ConfigError(f"train.output_dir {output} is a file, not a folder: choose another train.output_dir")
         self.config = config
         self.dist: DistributedContext = init_distributed(config.train.device)
         self.device = self.dist.device
@@ -220,12 +224,20 @@ class Trainer:
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "rng": rng_state(),
+            "world_size": self.dist.world_size,
         }
 
     def resume(self, path: Path) -> None:
         payload = load_checkpoint(path, map_location=self.device)
         if "optimizer" not in payload:
             raise ValueError(f"{path} holds weights only (no optimizer state): it cannot resume a run")
+        changes = check_resume(path, payload["config"], self.config, payload.get("world_size"), self.dist.world_size)
+        if changes and self.dist.is_main:
+            log.info("resuming with changed settings: %s",
+                     "; ".join(f"{key} {old!r} → {new!r}" for key, (old, new) in changes.items()))
+        if "data.num_workers" in changes and self.dist.is_main:
+            log.warning("data.num_workers changed on resume: the data position is exact only with the number "
+                        "of workers it was saved with; each worker may resume a few samples early or late")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
