@@ -87,13 +87,26 @@ def parse_filters(filters: list[str]) -> dict[str, Any] | None:
     return where or None
 
 
-def _load_model(args: argparse.Namespace, index: RetrievalIndex) -> Any:
+def _load_model(args: argparse.Namespace, index: RetrievalIndex, directory: Path) -> Any:
+    """The model that embeds the query: ``--model``, else the one the index records (loaded from its
+    absolute path, so from any folder). Its fingerprint must be the index's: a path only names a
+    model, and the file there may have been replaced."""
     from clipkit.eval.encoders import load_encoder  # heavy (torch models): only when a query needs it
 
-    spec = args.model or index.model_name
-    if spec is None:
+    manifest = index.manifest
+    if args.model:
+        model = load_encoder(args.model, args.pretrained, device=args.device)
+    elif manifest.model_spec or manifest.model:
+        spec = manifest.model_spec or {"model": manifest.model, "pretrained": None}
+        try:
+            model = load_encoder(spec["model"], spec.get("pretrained"), device=args.device)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{directory} was built with model {manifest.model!r}, which is not at "
+                                    f"{spec['model']} any more ({err}): pass --model with where it is now") from err
+    else:
         raise ValueError("this index records no model; pass --model")
-    return load_encoder(spec, args.pretrained, device=args.device)
+    manifest.check(None, None, directory, expect_fingerprint=model.fingerprint())
+    return model
 
 
 def _queries(
@@ -108,7 +121,7 @@ def _queries(
         vectors = vectors[None, :] if vectors.ndim == 1 else vectors
         results = index.search_vectors(vectors, args.k, where)
         return [(f"vector {i} of {args.vector_file}", hits) for i, hits in enumerate(results)]
-    model = _load_model(args, index)
+    model = _load_model(args, index, Path(args.index_dir))
     if args.text is not None:
         return [(repr(args.text), index.search_text(args.text, model, args.k, where))]
     if args.image:
@@ -120,7 +133,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.k < 1:
         raise ValueError(f"--k must be positive, got {args.k}")
     where = parse_filters(args.filter)
-    index = RetrievalIndex.load(Path(args.index_dir), mmap=True, expect_model=args.model)
+    index = RetrievalIndex.load(Path(args.index_dir), mmap=True)
     results = _queries(args, index, where)
     if args.json:
         print(json.dumps([{"query": label, "hits": [{"id": hit.id, "score": hit.score, "metadata": hit.metadata}

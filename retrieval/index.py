@@ -16,8 +16,8 @@ from retrieval.encode import encode_file, encode_texts
 from retrieval.files import write_directory_atomically
 from retrieval.kinds import AUTO, IndexPlan, create_index, mmap_flags, plan_index
 from retrieval.manifest import (
-    INDEX_FILE, METADATA_FILE, MANIFEST_FILE, IndexFormatError, Manifest, is_index_directory, read_manifest,
-    utc_now,
+    INDEX_FILE, METADATA_FILE, MANIFEST_FILE, IndexFormatError, Manifest, file_checksum, is_index_directory,
+    read_manifest, utc_now,
 )
 from retrieval.memory import parse_memory
 from retrieval.search import SearchKnob, search_index
@@ -79,6 +79,8 @@ class RetrievalIndex:
         target_recall: float = 0.95,
         opq: bool = False,
         model_name: str | None = None,
+        model_fingerprint: str | None = None,
+        model_spec: dict[str, str | None] | None = None,
         seed: int = 0,
     ) -> "RetrievalIndex":
         """Index N × D ``vectors`` (numpy, torch, or a ``VectorSource``); ``metadata`` yields one dict
@@ -89,7 +91,8 @@ class RetrievalIndex:
         (e.g. ``"4GB"``). Approximate kinds train on a random sample and then set their search knob
         to the lowest value whose recall@10 against exact search reaches ``target_recall`` for up to
         1000 of the vectors, held out of training and of the index until then, used as queries.
-        ``model_name`` is recorded in the manifest.
+        ``model_name``, ``model_fingerprint`` and ``model_spec`` (the model's identity and how to load
+        it, see ``retrieval.manifest.Manifest``) are recorded in the manifest.
         """
         if not 0 < target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
@@ -118,6 +121,7 @@ class RetrievalIndex:
         manifest = Manifest(
             dim=dim, kind=plan.kind, factory=plan.factory, model=model_name, count=num_vectors,
             next_id=num_vectors, search={}, tuning=None, created=utc_now(), index_bytes=0, metadata_bytes=0,
+            model_fingerprint=model_fingerprint, model_spec=model_spec,
         )
         built = cls(index, store, manifest)
         if plan.knob is not None:
@@ -161,10 +165,13 @@ class RetrievalIndex:
         """Index an embeddings directory written by ``clipkit embed`` (see ``retrieval.embeddings``).
 
         Vectors stay memory-mapped and metadata is streamed into SQLite, so the vectors are never in
-        memory twice. ``options`` are those of :meth:`build`; the model name comes from the directory.
+        memory twice. ``options`` are those of :meth:`build`; the model's name, fingerprint and spec
+        come from the directory.
         """
         embeddings = read_embeddings_dir(path)
-        return cls.build(embeddings.vectors, embeddings.metadata, model_name=embeddings.manifest.model, **options)
+        manifest = embeddings.manifest
+        return cls.build(embeddings.vectors, embeddings.metadata, model_name=manifest.model,
+                         model_fingerprint=manifest.model_fingerprint, model_spec=manifest.model_spec, **options)
 
     # ----------------------------------------------------------------------------------- properties
 
@@ -306,7 +313,8 @@ class RetrievalIndex:
             faiss.write_index(self.index, str(directory / INDEX_FILE))
             self.store.save(directory / METADATA_FILE)
             manifest = replace(self.manifest, index_bytes=(directory / INDEX_FILE).stat().st_size,
-                               metadata_bytes=(directory / METADATA_FILE).stat().st_size)
+                               metadata_bytes=(directory / METADATA_FILE).stat().st_size,
+                               checksums={name: file_checksum(directory / name) for name in (INDEX_FILE, METADATA_FILE)})
             (directory / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
 
         write_directory_atomically(path, fill, is_index_directory)
@@ -319,18 +327,22 @@ class RetrievalIndex:
         mmap: bool = False,
         expect_model: str | None = None,
         expect_dim: int | None = None,
+        expect_fingerprint: str | None = None,
+        verify: bool = True,
     ) -> "RetrievalIndex":
         """Open a directory written by :meth:`save`.
 
         ``mmap=True`` maps the index file instead of reading it (vectors and IVF lists are paged in
         as searches touch them, so an index larger than RAM can be searched; see
         ``retrieval.kinds.mmap_flags`` for what stays in RAM) and makes the index read-only.
-        Raises ``IndexFormatError`` for a missing manifest, a truncated or damaged file, or an index
-        built for another model (``expect_model``) or dimension (``expect_dim``).
+        Raises ``IndexFormatError`` for a missing manifest, a truncated, damaged or swapped file (each
+        file's checksum is checked; ``verify=False`` skips that read of the whole index for one larger
+        than is worth reading at start-up), or an index built for another model (``expect_model``: its
+        recorded name; ``expect_fingerprint``: the fingerprint of its weights) or dimension (``expect_dim``).
         """
         directory = Path(path)
         manifest = read_manifest(directory)
-        manifest.check(expect_model, expect_dim, directory)
+        manifest.check(expect_model, expect_dim, directory, expect_fingerprint)
         for name, size in ((INDEX_FILE, manifest.index_bytes), (METADATA_FILE, manifest.metadata_bytes)):
             file = directory / name
             if not file.is_file():
@@ -338,6 +350,10 @@ class RetrievalIndex:
             if file.stat().st_size != size:
                 raise IndexFormatError(f"{file} is {file.stat().st_size} bytes but was saved with {size}: "
                                        "truncated or replaced")
+            expected = (manifest.checksums or {}).get(name)
+            if verify and expected is not None and file_checksum(file) != expected:
+                raise IndexFormatError(f"{file} is not the file this index was saved with (its checksum "
+                                       "differs): replaced or damaged")
         flags = mmap_flags(manifest.kind) if mmap else 0
         try:
             index = faiss.read_index(str(directory / INDEX_FILE), flags)

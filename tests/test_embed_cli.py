@@ -18,7 +18,7 @@ from clipkit.eval.embed_dir import embed_to_dir, part_stem
 from clipkit.eval.encoders import load_encoder
 from clipkit.model import create_model
 from clipkit.train.checkpoint import save_checkpoint
-from retrieval import RetrievalIndex, write_manifest
+from retrieval import IndexFormatError, RetrievalIndex, write_manifest
 from tests.conftest import tiny_model_config
 
 
@@ -140,3 +140,39 @@ def test_embed_index_search_commands(toy_shards, checkpoint, tmp_path, capsys):
     (result,) = json.loads(capsys.readouterr().out)
     assert result["query"] == "'a red circle'" and len(result["hits"]) == 3
     assert result["hits"][0]["metadata"]["key"].startswith("eval")
+
+
+def test_search_knows_its_model_by_its_weights_not_its_path(toy_shards, tmp_path, capsys, monkeypatch):
+    config = ExperimentConfig(model=tiny_model_config())
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    torch.manual_seed(0)
+    save_checkpoint("model.pt", create_model(config.model).eval(), config)  # a relative path, as typed
+    assert main(["embed", "--model", "model.pt", "--dataset", str(toy_shards.eval_shards[0]), "--out", "emb",
+                 "--no-progress"]) == 0
+    assert main(["index", "build", "emb", str(tmp_path / "idx"), "--kind", "exact"]) == 0
+    monkeypatch.chdir(tmp_path)  # another folder: the recorded path still finds the model
+    for model in ([], ["--model", "a/model.pt"], ["--model", "./a/model.pt"]):
+        capsys.readouterr()
+        assert main(["search", "idx", "a red circle", "--k", "2", *model]) == 0
+        assert "2 hits" in capsys.readouterr().out
+    torch.manual_seed(1)  # the checkpoint overwritten by another model's weights
+    save_checkpoint("a/model.pt", create_model(config.model).eval(), config)
+    capsys.readouterr()
+    assert main(["search", "idx", "a red circle"]) == 2
+    assert "not comparable" in capsys.readouterr().err
+    (tmp_path / "a" / "model.pt").unlink()
+    assert main(["search", "idx", "a red circle"]) == 1
+    err = capsys.readouterr().err
+    assert "which is not at" in err and "pass --model with where it is now" in err
+
+
+def test_a_swapped_index_file_is_caught(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("one", "two"):
+        vectors = rng.normal(size=(100, 8)).astype(np.float32)
+        RetrievalIndex.build(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), kind="exact").save(tmp_path / name)
+    (tmp_path / "one" / "index.faiss").write_bytes((tmp_path / "two" / "index.faiss").read_bytes())  # same size
+    with pytest.raises(IndexFormatError, match="checksum differs"):
+        RetrievalIndex.load(tmp_path / "one")
+    assert len(RetrievalIndex.load(tmp_path / "one", verify=False)) == 100

@@ -122,6 +122,21 @@ def test_rerun_replaces_earlier_shards_of_the_prefix_only(image_folder, tmp_path
         "eval-000000.tar": 2, "eval-000001.tar": 2, "train-000000.tar": 2, "train-000001.tar": 2}
 
 
+def test_a_rerun_that_converts_nothing_keeps_the_earlier_shards(image_folder, tmp_path):
+    out = tmp_path / "out"
+    make_shards(image_folder, out, samples_per_shard=4, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad"
+    for i in range(3):
+        (bad / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (bad / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        (bad / f"{i}.txt").write_text("a caption")
+    with pytest.raises(MakeShardsError, match=r"none of the 3 input samples could be converted \(3 undecodable "
+                                              r"image\); the shards already in .* are left as they were"):
+        make_shards(bad, out, samples_per_shard=4, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing deleted, nothing left over
+
+
 def write_table(path: Path, rows: list[dict[str, str]], delimiter: str) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)

@@ -35,7 +35,8 @@ def built(tmp_path, capsys):
         metadata = [{"caption": f"item {i}", "cluster": int(clusters[i]), "source": f"shard-{number}.tar"}
                     for i in range(rows.start, rows.stop)]
         write_embedding_shard(tmp_path / "emb", f"shard-{number}", vectors[rows], metadata)
-    write_manifest(tmp_path / "emb", MODEL, "image", 16, [f"shard-{n}" for n in range(3)])
+    write_manifest(tmp_path / "emb", MODEL, "image", 16, [f"shard-{n}" for n in range(3)],
+                   model_fingerprint=FakeEncoder.FINGERPRINT, model_spec={"model": MODEL, "pretrained": None})
     run("index", "build", str(tmp_path / "emb"), str(tmp_path / "index"), "--kind", "hnsw", "--target-recall", "0.9")
     return tmp_path, vectors, capsys.readouterr().out
 
@@ -75,8 +76,14 @@ def test_search_prints_ranked_hits(built, capsys):
 class FakeEncoder:
     """Text and file queries map to stored vectors, so the expected hit is known."""
 
-    def __init__(self, vectors: np.ndarray) -> None:
+    FINGERPRINT = "fake-weights"
+
+    def __init__(self, vectors: np.ndarray, fingerprint: str = FINGERPRINT) -> None:
         self.vectors = vectors
+        self._fingerprint = fingerprint
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
 
     def parameters(self):
         return iter([torch.zeros(1)])
@@ -109,7 +116,7 @@ def test_search_text_and_image_load_the_model_the_index_names(built, capsys, mon
     assert loaded == [(MODEL, None, "cpu"), (MODEL, "weights.pt", "cpu")]
 
 
-def test_search_errors(built):
+def test_search_errors(built, monkeypatch):
     tmp_path, vectors, _ = built
     index = str(tmp_path / "index")
     with pytest.raises(ValueError, match="exactly one query"):
@@ -117,8 +124,10 @@ def test_search_errors(built):
     np.save(tmp_path / "q.npy", vectors[0])
     with pytest.raises(ValueError, match="exactly one query"):
         run("search", index, "text", "--vector-file", str(tmp_path / "q.npy"))
-    with pytest.raises(IndexFormatError, match="expected 'open_clip:Other'"):
-        run("search", index, "text", "--model", "open_clip:Other")
+    monkeypatch.setattr("clipkit.eval.encoders.load_encoder",
+                        lambda model, pretrained=None, device="cpu": FakeEncoder(vectors, "other-weights"))
+    with pytest.raises(IndexFormatError, match="fingerprint fake-weights.*fingerprint other-weights.*not comparable"):
+        run("search", index, "text 3", "--model", "open_clip:Other")
     with pytest.raises(ValueError, match="dimension 8"):
         np.save(tmp_path / "q8.npy", np.ones(8, np.float32))
         run("search", index, "--vector-file", str(tmp_path / "q8.npy"))

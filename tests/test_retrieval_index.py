@@ -237,8 +237,10 @@ def test_damaged_index_file_of_the_right_size_fails_clearly(tmp_path, base):
     RetrievalIndex.build(base[0][:200], kind="exact").save(tmp_path / "index")
     index_file = tmp_path / "index" / "index.faiss"
     index_file.write_bytes(b"\0" * index_file.stat().st_size)
-    with pytest.raises(IndexFormatError, match="cannot be read by FAISS"):
+    with pytest.raises(IndexFormatError, match="its checksum differs"):
         RetrievalIndex.load(tmp_path / "index")
+    with pytest.raises(IndexFormatError, match="cannot be read by FAISS"):
+        RetrievalIndex.load(tmp_path / "index", verify=False)
 
 
 # ------------------------------------------------------------------------------------ changes

@@ -22,6 +22,8 @@ import multiprocessing
 import os
 import queue
 import re
+import shutil
+import tempfile
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -436,8 +438,9 @@ def make_shards(
     ``caption_col`` defaults to ``caption`` (required, unless the input is labelled); ``label_col``
     (CSV/JSONL) or ``class_folders`` make a labelled set: ``KEY.cls`` per sample and
     ``classnames.txt`` (see :func:`list_samples`). Shards of ``prefix`` left in ``out_dir`` by an
-    earlier run are replaced, so the folder holds one consistent set. Raises :class:`MakeShardsError`
-    for an input that cannot be read at all.
+    earlier run are replaced, once the new ones are complete, so the folder holds one consistent set.
+    Raises :class:`MakeShardsError` for an input that cannot be read at all, or of which no sample
+    converts (the old shards then stay).
     """
     if samples_per_shard < 1 or workers < 1:
         raise MakeShardsError(f"--samples-per-shard and --workers must be at least 1, "
@@ -449,27 +452,41 @@ def make_shards(
     if not samples:
         raise MakeShardsError(f"input {input_path} holds no samples")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stale = _remove_shards(out_dir, prefix)
-    tasks = [ChunkTask(out_dir, prefix, i, start, samples[start : start + samples_per_shard])
-             for i, start in enumerate(range(0, len(samples), samples_per_shard))]
-    results = _run_chunks(tasks, workers, len(samples), progress)
-    shards, sizes = _number_shards(out_dir, prefix, results)
-    update_sizes_index(out_dir, sizes, remove=stale)
+    # New shards are written beside the old ones and replace them only once every chunk is done and
+    # some sample was converted: a failed or all-bad re-run leaves the earlier shards as they were.
+    staging = Path(tempfile.mkdtemp(prefix=f".make-shards-{prefix}-", dir=out_dir))
+    try:
+        tasks = [ChunkTask(staging, prefix, i, start, samples[start : start + samples_per_shard])
+                 for i, start in enumerate(range(0, len(samples), samples_per_shard))]
+        results = _run_chunks(tasks, workers, len(samples), progress)
+        skipped = Counter(reason for result in results for _, reason, _ in result.skipped)
+        staged, sizes = _number_shards(staging, prefix, results)
+        if not staged:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+            raise MakeShardsError(f"none of the {len(samples)} input samples could be converted ({reasons}); "
+                                  f"the shards already in {out_dir} are left as they were")
+        shards = _replace_shards(staging, out_dir, prefix, staged, sizes)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if listed.classnames is not None:
         (out_dir / CLASSNAMES_FILE).write_text("".join(f"{name}\n" for name in listed.classnames), encoding="utf-8")
-    skipped = Counter(reason for result in results for _, reason, _ in result.skipped)
     return MakeShardsResult(out_dir, prefix, shards, len(samples), sum(sizes.values()), skipped, listed.classnames)
 
 
-def _remove_shards(out_dir: Path, prefix: str) -> list[str]:
-    """Delete ``PREFIX-NNNNNN.tar`` (and unfinished ``.tmp``) files; returns the names removed."""
+def _replace_shards(staging: Path, out_dir: Path, prefix: str, staged: list[Path], sizes: dict[str, int]) -> list[Path]:
+    """Move the finished shards from ``staging`` into ``out_dir`` (each by an atomic rename over any
+    old shard of its name), then delete the old ``PREFIX-NNNNNN.tar`` shards past them and record
+    the counts; returns the shards' final paths."""
+    shards = []
+    for path in staged:
+        os.replace(path, out_dir / path.name)
+        shards.append(out_dir / path.name)
     pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?")
-    removed = []
-    for path in sorted(out_dir.iterdir()):
-        if pattern.fullmatch(path.name):
-            path.unlink()
-            removed.append(path.name)
-    return removed
+    stale = [p.name for p in sorted(out_dir.iterdir()) if pattern.fullmatch(p.name) and p.name not in sizes]
+    for name in stale:
+        (out_dir / name).unlink()
+    update_sizes_index(out_dir, sizes, remove=stale)
+    return shards
 
 
 def _run_chunks(tasks: list[ChunkTask], workers: int, total: int, progress: bool) -> list[ChunkResult]:
