@@ -127,15 +127,18 @@ class ShardReader:
     (broken, or samples with none of the wanted members) has the difference counted in ``lost``. A
     key seen before, in the same shard or an earlier one this reader read, is counted in
     ``duplicates`` and kept (webdataset would merge members of one key that follow each other;
-    reading shard by shard keeps two shards' samples apart). :meth:`take_counts` hands the counts
-    over and starts new ones.
+    reading shard by shard keeps two shards' samples apart); ``count_duplicates=False`` for shards
+    drawn with replacement, which repeat by design. :meth:`take_counts` hands the counts over and
+    starts new ones.
     """
 
-    def __init__(self, extensions: Iterable[str] | None = None) -> None:
+    def __init__(self, extensions: Iterable[str] | None = None, count_duplicates: bool = True) -> None:
         self.select = None if extensions is None else _KeepExtensions(frozenset(extensions))
+        self.count_duplicates = count_duplicates
         self.counts = ReadCounts()
         self._keys: set[int] = set()
         self._sizes: dict[Path, dict[str, int]] = {}
+        self._reported: set[str] = set()
 
     def take_counts(self) -> ReadCounts:
         counts, self.counts = self.counts, ReadCounts()
@@ -154,18 +157,20 @@ class ShardReader:
 
         yielded = duplicates = 0
         for sample in wds.tarfile_to_samples(handler=keep_going, select_files=self.select)([{"url": url}]):
-            key = hash(sample.get("__key__"))
-            if key in self._keys:
-                duplicates += 1
-            self._keys.add(key)
+            if self.count_duplicates:
+                key = hash(sample.get("__key__"))
+                duplicates += key in self._keys
+                self._keys.add(key)
             yielded += 1
             yield sample
         expected = shard_count(url, self._sizes) if is_local(url) else None
         lost = max(0, expected - yielded) if expected is not None else 0
         if errors:
             self.counts.broken.append(url)
-            log.warning("broken shard %s (%s: %s): %d samples read, %s lost", url, type(errors[0]).__name__,
-                        errors[0], yielded, lost if expected is not None else "an unknown number (no sizes.json entry)")
+            if url not in self._reported:  # a resampled stream may draw it again and again: say it once
+                self._reported.add(url)
+                log.warning("broken shard %s (%s: %s): %d samples read, %s lost", url, type(errors[0]).__name__,
+                            errors[0], yielded, lost if expected is not None else "an unknown number (no sizes.json entry)")
         elif lost:
             log.warning("shard %s yielded %d of the %d samples its sizes.json lists (%d without the members "
                         "%s)", url, yielded, expected, lost, "/".join(sorted(self.select.extensions)) if self.select else "")
@@ -387,7 +392,8 @@ class ShardStream(IterableDataset):
         # worker whose batch comes next at the resume position sits there.
         worker = (first + slot) % num_workers
         # Only the members some field decodes are read: the shuffle buffer holds no unused bytes.
-        reader = ShardReader({ext for spec in self.decoder.fields for ext in spec.extensions})
+        reader = ShardReader({ext for spec in self.decoder.fields for ext in spec.extensions},
+                             count_duplicates=not self.resampled)
         raw = self._raw_samples(worker, num_workers, reader)
         samples = itertools.islice(raw, skip[worker] * self.batch_size, None)
         batches = self._decode_and_batch(samples, reader)
