@@ -77,3 +77,18 @@ def match_class_folders(folders: Sequence[str], classnames: list[str] | dict[str
             f"{'; '.join(problems)}. Class folders are matched to --classnames by name (any case, _ for a "
             f"space); to name folders such as WordNet ids, give a JSON file mapping each folder to its class name")
     return [by_key[_name_key(folder)][0] for folder in folders], list(classnames)
+
+
+def class_folders(root: Path, classnames: list[str] | dict[str, str] | None = None
+                  ) -> tuple[list[Path], list[int], list[str]]:
+    """ImageNet's (torchvision ImageFolder's) layout, ``ROOT/CLASS/...``: the class sub-folders in
+    sorted order, each one's class index, and the class names in index order. Without
+    ``classnames`` the classes are the folders, named by :func:`folder_classname`; with them, see
+    :func:`match_class_folders`. Raises ValueError for a folder without sub-folders."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise ValueError(f"{root} has no class sub-folders")
+    if classnames is None:
+        return folders, list(range(len(folders))), [folder_classname(folder.name) for folder in folders]
+    labels, names = match_class_folders([folder.name for folder in folders], classnames)
+    return folders, labels, names

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clipkit.data.captions import clean_captions, join_captions, parse_captions
-from clipkit.data.classes import folder_classname, match_class_folders, read_classnames
+from clipkit.data.classes import class_folders, read_classnames
 from clipkit.data.writer import ShardWriter, shard_name, shard_pattern, update_sizes_index
 
 log = logging.getLogger(__name__)
@@ -225,16 +225,10 @@ def _list_folder(root: Path) -> list[SourceSample]:
 def _list_class_folders(root: Path, given: list[str] | dict[str, str] | None) -> InputSamples:
     """ImageNet's layout, ROOT/CLASS/**/x.jpg: classes are the sub-folders in sorted order, named by
     their folder names (``_`` read as a space) or matched by name to the given class names."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if not folders:
-        raise MakeShardsError(f"{root} has no class sub-folders")
-    if given is None:
-        labels, classnames = list(range(len(folders))), [folder_classname(f.name) for f in folders]
-    else:
-        try:
-            labels, classnames = match_class_folders([f.name for f in folders], given)
-        except ValueError as err:
-            raise MakeShardsError(str(err)) from err
+    try:
+        folders, labels, classnames = class_folders(root, given)
+    except ValueError as err:
+        raise MakeShardsError(str(err)) from err
     samples = [_folder_sample(image, label) for label, folder in zip(labels, folders)
                for image in _folder_images(folder)]
     return InputSamples(samples, classnames)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipkit.data.captions import parse_captions
-from clipkit.data.classes import folder_classname, match_class_folders, read_lines
+from clipkit.data.classes import class_folders, read_lines
 from clipkit.data.pipeline import CLASS_LABEL_FIELD, ShardStream, build_loader, read_shards
 from clipkit.errors import DataError
 from clipkit.eval.layout import CLASSNAMES_FILE, DatasetLayout, resolve_dataset
@@ -149,13 +149,7 @@ def _folder_labelled(root: Path, extensions: Sequence[str], classnames: list[str
                      ) -> tuple[list[FileSample], list[str]]:
     """torchvision ImageFolder's layout: one sub-folder per class. Without class names the classes are
     the folder names in sorted order; with them, see :func:`match_class_folders`."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if not folders:
-        raise ValueError(f"{root} has no class sub-folders")
-    if classnames is None:
-        labels, names = list(range(len(folders))), [folder_classname(folder.name) for folder in folders]
-    else:
-        labels, names = match_class_folders([folder.name for folder in folders], classnames)
+    folders, labels, names = class_folders(root, classnames)
     samples = [FileSample(file, label) for label, folder in zip(labels, folders)
                for file in _matching_files(folder, extensions)]
     if not samples:
