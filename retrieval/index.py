@@ -14,15 +14,18 @@ import numpy as np
 from retrieval.embeddings import read_embeddings_dir
 from retrieval.encode import encode_file, encode_texts
 from retrieval.files import write_directory_atomically
-from retrieval.kinds import AUTO, IndexPlan, create_index, mmap_flags, plan_index
+from retrieval.kinds import (
+    AUTO, KEEPS_REMOVED, REFINED, IndexPlan, create_index, escalation_plans, mmap_flags, plan_index, recoded_index,
+    refine_store,
+)
 from retrieval.manifest import (
     INDEX_FILE, METADATA_FILE, MANIFEST_FILE, IndexFormatError, Manifest, file_checksum, is_index_directory,
     read_manifest, utc_now,
 )
-from retrieval.memory import parse_memory
+from retrieval.memory import format_bytes, parse_memory
 from retrieval.search import SearchKnob, search_index
 from retrieval.store import FilterValue, MetadataStore
-from retrieval.tuning import CHUNK_ROWS, RECALL_K, exact_neighbours, tune_knob
+from retrieval.tuning import CHUNK_ROWS, RECALL_K, TuningResult, exact_neighbours, tune_knob, tune_refined
 from retrieval.vectors import VectorSource, as_float32_matrix, as_vector_source, is_tensor
 
 if TYPE_CHECKING:
@@ -50,6 +53,105 @@ def _sample_rows(num_rows: int, count: int, rng: np.random.Generator, exclude: n
     return np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False))
 
 
+def _add_rows(index: faiss.Index, source: VectorSource, skip: np.ndarray) -> None:
+    """Add every vector of ``source`` to ``index``, its row number as id, except the ascending rows ``skip``."""
+    start = 0
+    for chunk in source.chunks(CHUNK_ROWS):
+        ids = np.arange(start, start + len(chunk), dtype=np.int64)
+        keep = ~np.isin(ids, skip)
+        index.add_with_ids(chunk[keep], ids[keep])
+        start += len(chunk)
+
+
+def _refined(base: faiss.Index, plan: IndexPlan, source: VectorSource) -> faiss.IndexRefine:
+    """``base``, IVF lists holding every row of ``source`` with its row number as id, with its
+    candidates re-ranked by a new store of the vectors as ``plan.refine`` says (fp16 or float32).
+
+    The base's codes are reused as they are. IndexRefine looks a candidate's vector up at the position
+    its id gives, so the store holds row i at position i; ``RetrievalIndex`` keeps ids and positions
+    equal afterwards by adding with ``add`` (ids ntotal, ntotal + 1, ...) and never removing
+    (``KEEPS_REMOVED``). So there is no IDMap, which would cost 8 bytes per vector and hide filters:
+    it puts its translated selector on the IndexRefine's own parameters, which IndexRefine ignores.
+    """
+    store = refine_store(plan, base.d)
+    for chunk in source.chunks(CHUNK_ROWS):
+        store.add(chunk)
+    return faiss.IndexRefine(base, store)
+
+
+def _tuned_knob(index: faiss.Index, plan: IndexPlan, queries: np.ndarray, truth: np.ndarray, target: float,
+                selector: faiss.IDSelector | None) -> tuple[SearchKnob | None, TuningResult]:
+    """The knob setting of ``index``, built as ``plan`` says, with the least search effort that reaches
+    ``target`` recall of the (Q, k) true neighbours ``truth`` of (Q, D) ``queries`` (see ``tune_knob``),
+    and what it reached; ``selector`` keeps indexed queries out of the results."""
+    if plan.knob is None:  # exact search finds the true neighbours by definition
+        return None, TuningResult(0, 1.0, target, len(truth))
+    k = truth.shape[1]
+
+    def search(knob: SearchKnob) -> np.ndarray:
+        return search_index(index, queries, k, knob, selector, k)[1]
+
+    if plan.kind == REFINED:
+        nprobe, result = tune_refined(lambda value, k_factor: search(SearchKnob("nprobe", value, k_factor)),
+                                      truth, target, faiss.extract_index_ivf(index).nlist)
+        return SearchKnob("nprobe", nprobe, result.value), result
+    if plan.knob == "nprobe":
+        start, limit = 1, faiss.extract_index_ivf(index).nlist
+    else:
+        start, limit = HNSW_TUNING_START, HNSW_TUNING_LIMIT
+    result = tune_knob(lambda value: search(SearchKnob(plan.knob, value)), truth, target, start, limit)
+    return SearchKnob(plan.knob, result.value), result
+
+
+def _escalated_index(plan: IndexPlan, plain: faiss.Index, source: VectorSource,
+                     queries: np.ndarray) -> faiss.Index:
+    """The index of escalation ``plan``, filled with every vector of ``source``, built on ``plain`` (the
+    trained and filled IVF-RaBitQ index it escalates from) where it can be; (Q, D) ``queries`` train
+    larger codes (see ``recoded_index``)."""
+    if plan.kind == REFINED:
+        return _refined(plain, plan, source)
+    index = recoded_index(plain, plan, queries) if plan.kind == "ivfrabitq" else create_index(plan, source.shape[1])
+    _add_rows(index, source, skip=np.empty(0, np.int64))
+    return index
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """An index ``auto`` built and tuned: its plan, the FAISS index, its knob setting and the recall it
+    reached."""
+
+    plan: IndexPlan
+    index: faiss.Index
+    knob: SearchKnob | None
+    result: TuningResult
+
+    def record(self) -> dict[str, Any]:
+        """The attempt in the manifest's ``tuning``."""
+        return {"factory": self.plan.factory, "search": self.knob.settings() if self.knob else {},
+                "recall_at_10": round(self.result.recall, 4)}
+
+
+def _tuning_record(result: TuningResult) -> dict[str, Any]:
+    return {"target_recall_at_10": result.target, "recall_at_10": round(result.recall, 4),
+            "queries": result.num_queries}
+
+
+def _unreached_warning(best: _Attempt, budget: int, larger: list[IndexPlan], num_vectors: int) -> str:
+    """What ``auto`` says when even the most accurate index it could afford (``best``) missed the target,
+    with the memory budget each ``larger`` plan would need."""
+    message = (f"{best.plan.factory}: recall@{RECALL_K} reached {best.result.recall:.3f} at "
+               f"{_settings_text(best.knob)}, below the target {best.result.target}, and no index within the "
+               f"memory budget of {format_bytes(budget)} reaches it")
+    needs = [f"{format_bytes(candidate.estimated_bytes(num_vectors))} for {candidate.factory}"
+             + (" (exact search, which reaches any target)" if candidate.kind == "exact" else "")
+             for candidate in larger]
+    return f"{message}; a larger budget would allow more: {', '.join(needs)}" if needs else message
+
+
+def _settings_text(knob: SearchKnob | None) -> str:
+    return ", ".join(f"{name}={value}" for name, value in knob.settings().items()) if knob else "exact search"
+
+
 class RetrievalIndex:
     """Vectors in a FAISS index with one metadata dict each, kept in SQLite and returned with hits.
 
@@ -62,8 +164,7 @@ class RetrievalIndex:
         self.store = store
         self.manifest = manifest
         self.read_only = read_only
-        knob = next(iter(manifest.search.items()), None)
-        self._knob = SearchKnob(*knob) if knob else None
+        self._knob = SearchKnob.from_settings(manifest.search)
         self._deleted = store.deleted_ids()
 
     # ----------------------------------------------------------------------------------- building
@@ -91,6 +192,8 @@ class RetrievalIndex:
         (e.g. ``"4GB"``). Approximate kinds train on a random sample and then set their search knob
         to the lowest value whose recall@10 against exact search reaches ``target_recall`` for up to
         1000 of the vectors, held out of training and of the index until then, used as queries.
+        If ``auto``'s index cannot reach it, ``auto`` moves on to more accurate ones that still fit
+        the budget (``retrieval.kinds.escalation_plans``) until one does.
         ``model_name``, ``model_fingerprint`` and ``model_spec`` (the model's identity and how to load
         it, see ``retrieval.manifest.Manifest``) are recorded in the manifest.
         """
@@ -98,7 +201,8 @@ class RetrievalIndex:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
         source = as_vector_source(vectors)
         num_vectors, dim = source.shape
-        plan = plan_index(kind, num_vectors, dim, parse_memory(memory_budget), opq)
+        budget = parse_memory(memory_budget)
+        plan = plan_index(kind, num_vectors, dim, budget, opq)
         rng = np.random.default_rng(seed)
 
         store = MetadataStore.temporary()
@@ -111,12 +215,7 @@ class RetrievalIndex:
                                    rng, np.empty(0, np.int64))
         if plan.train_size:
             index.train(source.take(_sample_rows(num_vectors, plan.train_size, rng, exclude=tuning_rows)))
-        start = 0
-        for chunk in source.chunks(CHUNK_ROWS):
-            ids = np.arange(start, start + len(chunk), dtype=np.int64)
-            keep = ~np.isin(ids, tuning_rows)
-            index.add_with_ids(chunk[keep], ids[keep])
-            start += len(chunk)
+        _add_rows(index, source, skip=tuning_rows)
 
         manifest = Manifest(
             dim=dim, kind=plan.kind, factory=plan.factory, model=model_name, count=num_vectors,
@@ -125,40 +224,76 @@ class RetrievalIndex:
         )
         built = cls(index, store, manifest)
         if plan.knob is not None:
-            queries = source.take(tuning_rows)
-            built._tune(plan, source, queries, tuning_rows, target_recall)
-            index.add_with_ids(queries, tuning_rows)
+            built._tune(plan, source, source.take(tuning_rows), tuning_rows, target_recall,
+                        budget if kind == AUTO else None)
         return built
 
     def _tune(self, plan: IndexPlan, source: VectorSource, queries: np.ndarray, rows: np.ndarray,
-              target: float) -> None:
+              target: float, escalation_budget: int | None) -> None:
         """Set the knob to the lowest value reaching ``target`` recall@10 for (Q, D) ``queries``, the
-        vectors of ``rows`` of ``source``, which the index does not hold yet."""
-        if plan.knob == "nprobe":
-            start, limit = 1, faiss.extract_index_ivf(self.index).nlist
-        else:
-            start, limit = HNSW_TUNING_START, HNSW_TUNING_LIMIT
+        vectors of ``rows`` of ``source``, which the index does not hold yet, then add them.
+
+        With an ``escalation_budget`` (``auto``'s, in bytes) a ``plan`` that misses the target gives way
+        to more accurate ones within it (``_escalate``); without, it warns.
+        """
         k = min(RECALL_K, self.index.ntotal)
         if len(queries) < MIN_TUNING_QUERIES or k < 1:  # too few vectors to measure recall: search widely
-            self._set_knob(SearchKnob(plan.knob, limit if plan.knob == "nprobe" else start), None)
+            widest = faiss.extract_index_ivf(self.index).nlist if plan.knob == "nprobe" else HNSW_TUNING_START
+            self._set_knob(SearchKnob(plan.knob, widest), None)
+            self.index.add_with_ids(queries, rows)
             return
         truth = exact_neighbours(queries, source, k, exclude=rows)
+        knob, result = _tuned_knob(self.index, plan, queries, truth, target, selector=None)
+        self.index.add_with_ids(queries, rows)
+        self._set_knob(knob, _tuning_record(result))
+        if result.reached:
+            return
+        if escalation_budget is not None:
+            first = _Attempt(plan, self.index, knob, result)
+            self._escalate(first, source, queries, rows, truth, escalation_budget)
+            return
+        warnings.warn(f"{plan.factory}: recall@{k} reached {result.recall:.3f} at {_settings_text(knob)}, "
+                      f"below the target {target}; a less compressed kind (or 'hnsw') would do better",
+                      stacklevel=3)
 
-        def search(value: int) -> np.ndarray:
-            return search_index(self.index, queries, k, SearchKnob(plan.knob, value), None, k)[1]
+    def _escalate(self, first: _Attempt, source: VectorSource, queries: np.ndarray, rows: np.ndarray,
+                  truth: np.ndarray, budget: int) -> None:
+        """Replace ``first``, the index (``self.index``) whose plan missed the target, by the first of its
+        ``escalation_plans`` within ``budget`` bytes that reaches it; if none does, keep the most
+        accurate of them and warn, naming the budgets that would allow more.
 
-        result = tune_knob(search, truth, target, start, limit)
-        if not result.reached:
-            warnings.warn(f"{plan.factory}: recall@{k} reached {result.recall:.3f} at {plan.knob}={result.value}, "
-                          f"below the target {target}; a less compressed kind (or 'hnsw') would do better",
-                          stacklevel=3)
-        self._set_knob(SearchKnob(plan.knob, result.value),
-                       {"target_recall_at_10": target, "recall_at_10": round(result.recall, 4),
-                        "queries": result.num_queries})
+        ``first``'s index stays until the end: larger IVF-RaBitQ codes copy its rotation and centroids
+        (no k-means again), and re-ranking stages reuse it whole. The indexes built here hold every
+        vector at once (a re-ranking store must hold them in id order), so a selector keeps the
+        (Q, D) tuning ``queries``, the ``rows`` whose (Q, k) true neighbours are ``truth``, out of the
+        results, which for IVF lists and flat vectors is the same as not indexing them.
+        """
+        num_vectors, dim = source.shape
+        plans = escalation_plans(first.plan, num_vectors, dim)
+        affordable = [candidate for candidate in plans if candidate.estimated_bytes(num_vectors) <= budget]
+        exclude = faiss.IDSelectorNot(faiss.IDSelectorBatch(rows))
+        best, others = first, []
+        for candidate in affordable:
+            index = _escalated_index(candidate, first.index, source, queries)
+            tuned = _tuned_knob(index, candidate, queries, truth, first.result.target, exclude)
+            attempt = _Attempt(candidate, index, *tuned)
+            if attempt.result.recall > best.result.recall:
+                best, attempt = attempt, best
+            others.append(attempt.record())
+            del index, attempt  # only the best keeps its index: at most it, first's and the next are in memory
+            if best.result.reached:
+                break
+        self.index = best.index
+        self.manifest = replace(self.manifest, kind=best.plan.kind, factory=best.plan.factory)
+        self._set_knob(best.knob, _tuning_record(best.result) | {"tried": others})
+        if not best.result.reached:
+            larger = sorted((candidate for candidate in plans if candidate not in affordable),
+                            key=lambda candidate: candidate.estimated_bytes(num_vectors))
+            warnings.warn(_unreached_warning(best, budget, larger, num_vectors), stacklevel=4)
 
-    def _set_knob(self, knob: SearchKnob, tuning: dict[str, float | int] | None) -> None:
+    def _set_knob(self, knob: SearchKnob | None, tuning: dict[str, Any] | None) -> None:
         self._knob = knob
-        self.manifest = replace(self.manifest, search={knob.name: knob.value}, tuning=tuning)
+        self.manifest = replace(self.manifest, search=knob.settings() if knob else {}, tuning=tuning)
 
     @classmethod
     def build_from_embeddings(cls, path: str | Path, **options: Any) -> "RetrievalIndex":
@@ -211,21 +346,27 @@ class RetrievalIndex:
         first = self.manifest.next_id
         ids = np.arange(first, first + len(array), dtype=np.int64)
         self.store.insert(first, metadata if metadata is not None else ({} for _ in ids), len(array))
-        self.index.add_with_ids(array, ids)
+        if self.kind == REFINED:
+            # IndexRefine has no add_with_ids: it numbers vectors by position, and nothing is ever
+            # removed from it (KEEPS_REMOVED), so the next position is the next id.
+            self.index.add(array)
+        else:
+            self.index.add_with_ids(array, ids)
         self.manifest = replace(self.manifest, count=self.manifest.count + len(ids), next_id=first + len(ids))
         return ids
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
         """Remove vectors by id; returns how many. Raises ``KeyError`` (removing nothing) for unknown ids.
 
-        HNSW graphs cannot drop nodes: their removed ids are recorded and skipped by every search.
+        HNSW graphs and re-ranked IVF indexes (``ivfrabitq+refine``) cannot drop vectors: their removed
+        ids are recorded and skipped by every search.
         """
         self._check_writable()
         ids = np.unique(np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64))
         unknown = self.store.missing(ids)
         if len(unknown):
             raise KeyError(f"no vectors with ids {unknown[:10].tolist()}{' ...' if len(unknown) > 10 else ''}")
-        keep_as_deleted = self.kind == "hnsw"
+        keep_as_deleted = self.kind in KEEPS_REMOVED
         self.store.delete(ids, keep_as_deleted)
         if keep_as_deleted:
             self._deleted = np.union1d(self._deleted, ids)
@@ -266,7 +407,8 @@ class RetrievalIndex:
         ]
 
     def _selector(self, where: Mapping[str, FilterValue] | None) -> tuple[faiss.IDSelector | None, int]:
-        """The FAISS id selector for a filter (and deleted HNSW vectors), and how many ids it allows."""
+        """The FAISS id selector for a filter (and vectors removed but still indexed), and how many ids
+        it allows."""
         if where is not None:
             allowed = self.store.matching(where)
             return faiss.IDSelectorBatch(allowed), len(allowed)

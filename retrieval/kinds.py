@@ -6,21 +6,33 @@
 | hnsw | ``IDMap,HNSW32`` graph over full vectors | efSearch | ~2328 |
 | ivfpq | ``IVF{nlist},PQ{d/2}x4fs`` (``OPQ`` rotation first with ``opq=True``) | nprobe | 136 |
 | ivfrabitq | ``RR{d},IVF{nlist},RaBitQ{bits}`` (random rotation, 1–3 bits per dimension) | nprobe | 220 |
+| ivfrabitq+refine | ``RR{d},IVF{nlist},RaBitQ{bits},Refine(SQfp16)`` (or ``Refine(Flat)``) | nprobe, k_factor | 1244 |
 
-(Plus the IVF centroids, nlist·d·4 bytes: 16 bytes per vector at 1M × 512.)
+(Plus the IVF centroids, nlist·d·4 bytes: 16 bytes per vector at 1M × 512.) ``auto`` also builds
+IVF-RaBitQ with 4, 6 or 8 bits (284, 412 or 540 bytes) and is the only way to an ``ivfrabitq+refine``
+index: IVF-RaBitQ candidates re-ranked by fp16 (or float32, 2268 bytes) copies of the vectors.
 
-All use the inner product, the cosine similarity of unit vectors.
+All use the inner product, the cosine similarity of unit vectors. When the plan ``auto`` picks misses
+its target recall, ``escalation_plans`` are what it tries next.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import faiss
+import numpy as np
 
 KINDS = ("exact", "hnsw", "ivfpq", "ivfrabitq")
 AUTO = "auto"
+# IVF-RaBitQ codes re-ranked by a second, more precise copy of the vectors: only ever the result of
+# ``auto`` escalating, because it pays for itself only where smaller codes miss the target.
+REFINED = "ivfrabitq+refine"
+# Kinds whose FAISS index cannot drop vectors: removed ids are recorded and filtered out of searches.
+# HNSW graphs cannot unlink nodes; IndexRefine has no remove_ids, and its ids must stay positions in
+# the re-ranking store (see ``retrieval.index._refined``).
+KEEPS_REMOVED = ("hnsw", REFINED)
 
 # Below this count brute force answers a query in a few milliseconds and is exact.
 EXACT_MAX_VECTORS = 50_000
@@ -38,6 +50,17 @@ TRAIN_POINTS_PER_LIST = 40
 # IVF-RaBitQ keeps each vector's code and id within this fraction of its raw float32 size.
 MAX_COMPRESSED_FRACTION = 1 / 8
 ID_BYTES = 8  # IVF lists store an int64 id next to every code
+# RaBitQ bits per dimension: ``auto`` starts at the most within the cap above (at most 3) and escalates
+# through the larger ones. Every step re-encodes every vector, so steps are two bits apart from 4 on:
+# on 100k CLIP-like 512-d vectors each extra bit left about 0.6 of the recall@10 misses (the recall
+# reached with ample nprobe was 0.905, 0.942, 0.982 and 0.994 at 3, 4, 6 and 8 bits).
+RABITQ_BITS = (1, 2, 3, 4, 6, 8)
+INITIAL_MAX_BITS = 3
+# The re-ranking vectors of ``REFINED`` plans, least memory first. SQ8 (d bytes per vector on top of
+# the 3-bit codes' 0.43·d) is not among them: on the same vectors its re-ranking saturated at recall@10
+# 0.959, below 6-bit RaBitQ codes alone (0.982 in 0.8·d bytes), because RaBitQ codes the residual from
+# the IVF centroid and SQ8 the whole vector, shared direction included.
+REFINE_STORES = ("SQfp16", "Flat")
 
 
 class MemoryBudgetError(ValueError):
@@ -49,8 +72,8 @@ class IndexPlan:
     """One concrete index: its kind, FAISS factory string, search knob and training-set size.
 
     ``knob`` is the search-time parameter traded against recall (``"nprobe"`` for IVF kinds,
-    ``"efSearch"`` for HNSW, ``None`` for exact search); ``train_size`` is how many sampled vectors
-    train it (0: no training).
+    ``"efSearch"`` for HNSW, ``None`` for exact search; ``REFINED`` plans also tune ``k_factor``);
+    ``train_size`` is how many sampled vectors train it (0: no training).
     """
 
     kind: str
@@ -59,6 +82,8 @@ class IndexPlan:
     train_size: int
     bytes_per_vector: int
     fixed_bytes: int
+    bits: int = 0  # RaBitQ bits per dimension (0 for other codes)
+    refine: str | None = None  # the FAISS factory string of a REFINED plan's re-ranking vectors
 
     def estimated_bytes(self, num_vectors: int) -> int:
         """The in-memory (and on-disk) size of the index holding ``num_vectors`` vectors."""
@@ -84,7 +109,8 @@ def _code_size(factory: str, dim: int) -> int:
     return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).code_size
 
 
-def _ivf_plan(kind: str, codes: str, num_vectors: int, dim: int, transform: str = "") -> IndexPlan:
+def _ivf_plan(kind: str, codes: str, num_vectors: int, dim: int, transform: str = "",
+              bits: int = 0) -> IndexPlan:
     """An IVF plan with ``codes`` (e.g. ``"RaBitQ3"``) in its lists, after an optional d × d
     ``transform`` (``"OPQ..."`` or ``"RR..."``, whose matrix counts toward the fixed size)."""
     lists = ivf_lists(num_vectors)
@@ -95,7 +121,22 @@ def _ivf_plan(kind: str, codes: str, num_vectors: int, dim: int, transform: str 
         train_size=min(num_vectors, lists * TRAIN_POINTS_PER_LIST),
         bytes_per_vector=_code_size(f"IVF1,{codes}", dim) + ID_BYTES,
         fixed_bytes=lists * dim * 4 + (dim * dim * 4 if transform else 0),
+        bits=bits,
     )
+
+
+def _rabitq_plan(bits: int, num_vectors: int, dim: int) -> IndexPlan:
+    return _ivf_plan("ivfrabitq", f"RaBitQ{bits}", num_vectors, dim, f"RR{dim}", bits)
+
+
+def _refined_plan(base: IndexPlan, store: str, dim: int) -> IndexPlan:
+    """``base`` (an ``ivfrabitq`` plan) with its candidates re-ranked by ``store`` vectors, e.g. ``"SQfp16"``.
+
+    No id map: IndexRefine finds a candidate's vector by position, and the base's ids are kept equal
+    to those positions (see ``retrieval.index._refined``): only the store's codes add to ``base``'s size.
+    """
+    return replace(base, kind=REFINED, factory=f"{base.factory},Refine({store})", refine=store,
+                   bytes_per_vector=base.bytes_per_vector + _code_size(store, dim))
 
 
 def _pq_subquantizers(dim: int) -> int:
@@ -110,7 +151,7 @@ def _rabitq_plans(num_vectors: int, dim: int) -> list[IndexPlan]:
     the coordinates; a random rotation first makes any vectors so (learned embeddings often have a
     few dominant coordinates).
     """
-    plans = [_ivf_plan("ivfrabitq", f"RaBitQ{bits}", num_vectors, dim, f"RR{dim}") for bits in (3, 2, 1)]
+    plans = [_rabitq_plan(bits, num_vectors, dim) for bits in reversed(RABITQ_BITS) if bits <= INITIAL_MAX_BITS]
     # The cap is per vector: centroids and rotation are a fixed cost that large indexes amortise.
     cap = dim * 4 * MAX_COMPRESSED_FRACTION
     within = [plan for plan in plans if plan.bytes_per_vector <= cap]
@@ -168,19 +209,59 @@ def plan_index(kind: str, num_vectors: int, dim: int, memory_budget: int, opq: b
     )
 
 
+def escalation_plans(plan: IndexPlan, num_vectors: int, dim: int) -> list[IndexPlan]:
+    """The plans ``auto`` tries, in this order, after ``plan`` (one ``plan_index`` picked for it) missed
+    its target recall, whatever their size (the caller skips those over its memory budget).
+
+    For IVF-RaBitQ: codes with more bits, then ``plan``'s codes re-ranked by fp16 and then float32
+    vectors, each larger than the one before; for HNSW nothing but exact search. Exact search comes
+    last although a float32 re-ranking store is larger: it reaches any target, but reads every vector
+    for every query (at 1M vectors about 100× slower than the others).
+    """
+    exact = candidate_plans("exact", num_vectors, dim)
+    if plan.kind == "ivfrabitq":
+        more_bits = [_rabitq_plan(bits, num_vectors, dim) for bits in RABITQ_BITS if bits > plan.bits]
+        return more_bits + [_refined_plan(plan, store, dim) for store in REFINE_STORES] + exact
+    return exact if plan.kind == "hnsw" else []
+
+
 def mmap_flags(kind: str) -> int:
     """FAISS read flags that map an index file of ``kind`` into memory instead of reading it.
 
     IVF lists are mapped by ``IO_FLAG_MMAP`` (but the fast-scan PQ lists of ``ivfpq`` are always
     read into RAM); flat vector storage, also that of HNSW, by ``IO_FLAG_MMAP_IFC`` (HNSW's graph
-    links are still read). The two cannot be combined on one IVF file.
+    links are still read). The two cannot be combined on one IVF file. FAISS 1.15 maps IVF lists under
+    ``IO_FLAG_MMAP_IFC`` too, which is what maps both the lists and the re-ranking vectors of
+    ``ivfrabitq+refine``: only the rotation matrix and FAISS's bookkeeping are read into RAM.
     """
-    mapping = faiss.IO_FLAG_MMAP_IFC if kind in ("exact", "hnsw") else faiss.IO_FLAG_MMAP
+    mapping = faiss.IO_FLAG_MMAP_IFC if kind in ("exact", "hnsw", REFINED) else faiss.IO_FLAG_MMAP
     return mapping | faiss.IO_FLAG_READ_ONLY
 
 
+def recoded_index(trained: faiss.IndexPreTransform, plan: IndexPlan,
+                  sample: np.ndarray) -> faiss.IndexPreTransform:
+    """An empty index for the IVF-RaBitQ ``plan``, with copies of the rotation and coarse centroids of
+    ``trained`` (a trained IVF-RaBitQ index with other bits), trained on (n, d) ``sample``.
+
+    k-means is nearly all of an IVF index's training (minutes at 1M vectors) and its centroids do not
+    depend on the codes: FAISS skips it for a quantizer that already holds nlist centroids. RaBitQ
+    codes learn nothing from training, so a small ``sample`` (e.g. the tuning queries) suffices.
+    """
+    ivf = faiss.extract_index_ivf(trained)
+    codes = faiss.IndexIVFRaBitQ(faiss.clone_index(ivf.quantizer), ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT,
+                                 True, plan.bits)
+    index = faiss.IndexPreTransform(faiss.Cloner().clone_VectorTransform(trained.chain.at(0)), codes)
+    index.train(sample)
+    return index
+
+
+def refine_store(plan: IndexPlan, dim: int) -> faiss.Index:
+    """The empty store of a ``REFINED`` plan's re-ranking vectors (fp16 or float32: no training)."""
+    return faiss.index_factory(dim, plan.refine, faiss.METRIC_INNER_PRODUCT)
+
+
 def create_index(plan: IndexPlan, dim: int) -> faiss.Index:
-    """An empty (untrained) FAISS index for ``plan``."""
+    """An empty (untrained) FAISS index for ``plan`` (not ``REFINED``: see ``retrieval.index._refined``)."""
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if plan.kind == "hnsw":
         faiss.downcast_index(index.index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION

@@ -31,8 +31,10 @@ class Manifest:
     """The description of a saved index.
 
     ``count`` is the number of searchable vectors; ``next_id`` the id the next added vector gets.
-    ``search`` is the knob setting searches use (``{"nprobe": 48}``, ``{"efSearch": 64}`` or ``{}``),
-    ``tuning`` how it was chosen (target and measured recall@10, number of queries) or ``None``.
+    ``search`` is the knob setting searches use (``{"nprobe": 48}``, ``{"efSearch": 64}``, ``{}``, or
+    ``{"nprobe": 48, "k_factor": 4}`` for a re-ranked index), ``tuning`` how it was chosen (target and
+    measured recall@10, number of queries, and under ``tried`` the other indexes ``auto`` built when
+    its first missed the target, each with its factory string, search setting and recall@10) or ``None``.
     ``index_bytes`` and ``metadata_bytes`` are the sizes the files must have, so that a truncated
     copy fails to load with a clear message instead of a FAISS read error; ``checksums`` the BLAKE2b
     digest of each file, so that a file swapped for another of the same size is caught too.
@@ -48,7 +50,7 @@ class Manifest:
     count: int
     next_id: int
     search: dict[str, int]
-    tuning: dict[str, float | int] | None
+    tuning: dict[str, Any] | None
     created: str
     index_bytes: int
     metadata_bytes: int

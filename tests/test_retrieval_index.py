@@ -1,17 +1,22 @@
-"""RetrievalIndex with real FAISS indexes on small clustered data: results, recall, files, changes, errors."""
+"""RetrievalIndex with real FAISS indexes on small synthetic data: results, recall, auto's escalation, files,
+changes, errors."""
 
 from __future__ import annotations
 
 import random
+import warnings
+from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
 from clipkit.modalities import FieldDecoder
 from retrieval import IndexFormatError, MemoryBudgetError, MetadataError, RetrievalIndex, parse_memory
-from retrieval.kinds import plan_index
-from retrieval.synthetic import ClusteredVectors
+from retrieval.kinds import REFINED, escalation_plans, mmap_flags, plan_index
+from retrieval.search import SearchKnob
+from retrieval.synthetic import ClipLikeVectors, ClusteredVectors
 from retrieval.tuning import TUNING_MARGIN, exact_neighbours, recall_at_k, tune_knob
 from retrieval.vectors import ArrayVectors
 
@@ -32,6 +37,29 @@ def base() -> tuple[np.ndarray, list[dict]]:
 @pytest.fixture(scope="module")
 def queries() -> np.ndarray:
     return DATA.sample(50, seed=1)[0]
+
+
+def rare(metadata: list[dict]) -> list[dict]:
+    """``metadata`` with 13 of its 5000 records tagged ``"rare"``."""
+    return [dict(record, tag="rare") if i % 400 == 3 else record for i, record in enumerate(metadata)]
+
+
+# 8-bit RaBitQ codes of ``base`` reach recall@10 0.995 at most, fp16 re-ranking 0.9996, and exact search
+# (680 KB) does not fit this budget: auto ends at ``ivfrabitq+refine``.
+REFINED_BUDGET, REFINED_TARGET = "600KB", 0.999
+
+
+@pytest.fixture(scope="module")
+def refined_dir(tmp_path_factory, base) -> Path:
+    """A saved ``ivfrabitq+refine`` index of ``base`` (with rare tags), built by auto; load a copy to change it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it reaches its target
+        index = RetrievalIndex.build(base[0], rare(base[1]), memory_budget=REFINED_BUDGET,
+                                     target_recall=REFINED_TARGET, model_name="tiny-clip")
+    assert index.kind == REFINED
+    path = tmp_path_factory.mktemp("refined") / "index"
+    index.save(path)
+    return path
 
 
 def recall_against_exact(index: RetrievalIndex, vectors: np.ndarray, queries: np.ndarray) -> float:
@@ -156,6 +184,103 @@ def test_build_respects_the_memory_budget(base):
         RetrievalIndex.build(base[0], kind="exact", memory_budget="100KB")
 
 
+def test_escalation_plans_grow_and_count_what_they_store():
+    budget = parse_memory("1GB")
+    plain = plan_index("auto", 1_000_000, 512, budget)
+    plans = escalation_plans(plain, 1_000_000, 512)
+    assert [plan.factory for plan in plans] == [
+        "RR512,IVF8192,RaBitQ4", "RR512,IVF8192,RaBitQ6", "RR512,IVF8192,RaBitQ8",
+        "RR512,IVF8192,RaBitQ3,Refine(SQfp16)", "RR512,IVF8192,RaBitQ3,Refine(Flat)", "IDMap,Flat"]
+    sizes = [plan.estimated_bytes(1_000_000) for plan in [plain, *plans[:-1]]]
+    assert sizes == sorted(sizes)  # each larger than the one before; exact search comes last anyway
+    # Re-ranking adds its fp16 or float32 vectors to the base's codes, ids and centroids (no id map).
+    assert [plan.bytes_per_vector - plain.bytes_per_vector for plan in plans[3:5]] == [512 * 2, 512 * 4]
+    assert {plan.fixed_bytes for plan in plans[:5]} == {plain.fixed_bytes}
+    affordable = [plan.factory for plan in plans if plan.estimated_bytes(1_000_000) <= budget]
+    assert affordable[-1] == "RR512,IVF8192,RaBitQ8"
+    hnsw = plan_index("auto", 100_000, 512, budget)
+    assert [plan.kind for plan in escalation_plans(hnsw, 100_000, 512)] == ["exact"]
+
+
+def test_search_settings_hold_one_knob_or_a_knob_and_a_k_factor():
+    assert SearchKnob.from_settings({}) is None
+    assert SearchKnob.from_settings({"nprobe": 48}) == SearchKnob("nprobe", 48)  # what older manifests hold
+    assert SearchKnob.from_settings({"k_factor": 4, "nprobe": 48}) == SearchKnob("nprobe", 48, 4)
+    for settings in ({"efSearch": 64}, {"nprobe": 48, "k_factor": 4}):
+        assert SearchKnob.from_settings(settings).settings() == settings
+
+
+# ------------------------------------------------------------------------------------ auto on CLIP-like vectors
+
+
+def test_clip_like_vectors_have_the_statistics_of_clip_embeddings():
+    data = ClipLikeVectors(dim=64, num_clusters=1_000)
+    vectors, clusters = data.sample(20_000, seed=0)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, rtol=1e-5)
+    sample = vectors[:2_000]
+    cosines = (sample @ sample.T)[np.triu_indices(len(sample), 1)]
+    assert 0.5 <= cosines.mean() <= 0.6  # a strong shared direction
+    sizes = np.bincount(clusters, minlength=1_000)
+    assert sizes.max() >= 100 * np.median(sizes[sizes > 0])  # Zipf-like: sizes differ by orders of magnitude
+    # The variance around the mean falls like a power law (≈ 1/i) along its principal axes.
+    variances = np.linalg.eigvalsh(np.cov(vectors.T))[::-1][:32]
+    slope = np.polyfit(np.log(np.arange(1, 33)), np.log(variances), 1)[0]
+    assert -1.5 < slope < -0.7
+    again, again_clusters = ClipLikeVectors(dim=64, num_clusters=1_000).sample(20_000, seed=0)
+    assert np.array_equal(again, vectors) and np.array_equal(again_clusters, clusters)
+    assert not np.array_equal(data.sample(10, seed=1)[0], vectors[:10])
+
+
+def test_auto_escalates_to_larger_codes_to_reach_the_target_within_the_budget(tmp_path):
+    data = ClipLikeVectors(dim=128, num_clusters=200)
+    vectors, _ = data.sample(20_000, seed=0)
+    budget = parse_memory("3MB")  # exact search (10.4 MB) and HNSW do not fit
+    plain = plan_index("auto", 20_000, 128, budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index = RetrievalIndex.build(vectors, kind="auto", memory_budget=budget, target_recall=0.95)
+    tried = index.manifest.tuning["tried"]
+    assert tried[0]["factory"] == plain.factory and tried[0]["recall_at_10"] < 0.95  # the smallest code missed
+    assert all(attempt["recall_at_10"] < 0.95 for attempt in tried)
+    assert index.kind == "ivfrabitq" and index.manifest.factory != plain.factory
+    assert index.manifest.tuning["recall_at_10"] >= 0.95
+    assert recall_against_exact(index, vectors, data.sample(200, seed=1)[0]) >= 0.95  # on fresh queries
+    index.save(tmp_path / "index")
+    assert index.manifest.index_bytes <= budget
+
+
+def test_auto_keeps_the_small_rabitq_index_when_it_reaches_the_target():
+    data = ClusteredVectors(dim=128, num_clusters=20, noise=0.6, decay=1.5)
+    vectors, _ = data.sample(8_000, seed=0)
+    index = RetrievalIndex.build(vectors, kind="auto", memory_budget="2MB", target_recall=0.9)
+    assert index.manifest.factory == plan_index("auto", 8_000, 128, parse_memory("2MB")).factory
+    assert index.manifest.factory.endswith("RaBitQ2") and list(index.manifest.search) == ["nprobe"]
+    assert "tried" not in index.manifest.tuning
+
+
+def test_auto_re_ranks_when_larger_codes_miss_the_target(refined_dir, base, queries):
+    index = RetrievalIndex.load(refined_dir)
+    assert index.manifest.factory.endswith(",Refine(SQfp16)")
+    assert set(index.manifest.search) == {"nprobe", "k_factor"}
+    assert index.manifest.tuning["tried"][-1]["factory"].endswith("RaBitQ8")
+    assert index.manifest.tuning["recall_at_10"] >= REFINED_TARGET
+    assert recall_against_exact(index, base[0], queries) >= REFINED_TARGET - TUNING_MARGIN  # 50 fresh queries
+    plain = plan_index("auto", 5_000, DIM, parse_memory(REFINED_BUDGET))
+    plan = next(plan for plan in escalation_plans(plain, 5_000, DIM) if plan.factory == index.manifest.factory)
+    assert plan.estimated_bytes(5_000) == pytest.approx(index.manifest.index_bytes, rel=0.01)  # FAISS's headers
+    assert index.manifest.index_bytes <= parse_memory(REFINED_BUDGET)
+
+
+def test_auto_warns_with_the_budget_that_would_reach_the_target(base):
+    # 300 KB fits 6-bit codes (recall@10 ≈ 0.986 here) but neither 8-bit ones nor re-ranking.
+    with pytest.warns(UserWarning, match=r"RaBitQ6: .* below the target 0.999.* 312\.3 KB for RR32,IVF64,RaBitQ8, "
+                                         r".*680\.0 KB for IDMap,Flat \(exact search, which reaches any target\)"):
+        index = RetrievalIndex.build(base[0], memory_budget="300KB", target_recall=0.999)
+    assert index.manifest.factory.endswith("RaBitQ6")
+    assert [attempt["factory"][-7:] for attempt in index.manifest.tuning["tried"]] == [
+        "RaBitQ1", "RaBitQ2", "RaBitQ3", "RaBitQ4"]
+
+
 # ------------------------------------------------------------------------------------ files
 
 
@@ -197,6 +322,29 @@ def test_mmap_loading_maps_the_index_file_instead_of_reading_it(tmp_path, kind, 
     assert size > index_file.stat().st_size / 2  # the vectors or codes are mapped from the file ...
     assert resident < size / 4  # ... and not read when loading
     assert mapped.search_vectors(vectors[:3], k=5) == read.search_vectors(vectors[:3], k=5)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_refined_index_saves_and_loads_with_its_knobs(refined_dir, queries, mmap):
+    read = RetrievalIndex.load(refined_dir)
+    loaded = RetrievalIndex.load(refined_dir, mmap=mmap, expect_model="tiny-clip", expect_dim=DIM)
+    assert loaded.search_vectors(queries, k=5) == read.search_vectors(queries, k=5)
+    assert loaded.manifest.search == read.manifest.search and loaded._knob.k_factor >= 2
+    assert (loaded.kind, len(loaded), loaded.read_only) == (REFINED, 5_000, mmap)
+
+
+def test_mmap_flags_of_a_re_ranked_index_map_its_lists_and_vectors(tmp_path):
+    vectors, _ = ClipLikeVectors(dim=64, num_clusters=100).sample(20_000, seed=0)
+    index = faiss.index_factory(64, "RR64,IVF64,RaBitQ1,Refine(SQfp16)", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors[:2_560])
+    index.add(vectors)
+    path = tmp_path / "index.faiss"
+    faiss.write_index(index, str(path))
+    mapped = faiss.read_index(str(path), mmap_flags(REFINED))
+    size, resident = _mapped_bytes(path.resolve())
+    assert size > path.stat().st_size / 2  # the IVF lists and the re-ranking vectors are mapped ...
+    assert resident < size / 4  # ... and not read when loading
+    np.testing.assert_array_equal(mapped.search(vectors[:3], 5)[1], index.search(vectors[:3], 5)[1])
 
 
 def test_save_replaces_an_older_index_but_not_other_folders(tmp_path, base):
@@ -263,7 +411,26 @@ def test_add_then_search_finds_the_new_vectors(base, kind, recwarn):
 @pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
 def test_remove_by_id(tmp_path, base, queries, kind, recwarn):
     vectors, metadata = base
-    index = RetrievalIndex.build(vectors, metadata, kind=kind)
+    check_remove_by_id(RetrievalIndex.build(vectors, metadata, kind=kind), tmp_path, queries, vectors)
+
+
+def test_refined_index_adds_and_removes(tmp_path, refined_dir, base, queries):
+    vectors = base[0]
+    index = RetrievalIndex.load(refined_dir)
+    check_remove_by_id(index, tmp_path, queries, vectors)  # IndexRefine cannot remove: kept as deleted ids
+    # New vectors go on at the next id, which is also their position in the re-ranking store.
+    new = DATA.sample(20, seed=7)[0]
+    ids = index.add(new, [{"caption": f"new {i}"} for i in range(20)])
+    assert ids.tolist() == list(range(5_002, 5_022))
+    for new_id, hits in zip(ids, index.search_vectors(new, k=1)):
+        assert (hits[0].id, hits[0].metadata) == (new_id, {"caption": f"new {new_id - 5_002}"})
+    index.save(tmp_path / "again")
+    assert RetrievalIndex.load(tmp_path / "again", mmap=True).search_vectors(new, k=1)[0][0].id == 5_002
+
+
+def check_remove_by_id(index: RetrievalIndex, tmp_path: Path, queries: np.ndarray, vectors: np.ndarray) -> None:
+    """Remove the top hits of ``queries`` from ``index`` (of the 5000 ``vectors``): gone from every search,
+    also after saving, and their ids are never given again."""
     before = index.search_vectors(queries[:10], k=5)
     gone = sorted({hits[0].id for hits in before})
     assert index.remove(gone) == len(gone)
@@ -272,7 +439,7 @@ def test_remove_by_id(tmp_path, base, queries, kind, recwarn):
     assert all(len(hits) == 5 and not {hit.id for hit in hits} & set(gone) for hits in after)
     with pytest.raises(KeyError, match=str(gone[0])):
         index.remove([gone[0]])
-    index.save(tmp_path / "index")  # removals persist (HNSW keeps them as deleted ids)
+    index.save(tmp_path / "index")  # removals persist (HNSW and re-ranked indexes keep them as deleted ids)
     assert RetrievalIndex.load(tmp_path / "index").search_vectors(queries[:10], k=5) == after
     new_ids = index.add(vectors[:2])
     assert new_ids.tolist() == [5_000, 5_001]  # ids are never reused
@@ -303,8 +470,17 @@ def test_changing_a_loaded_index_leaves_its_directory_alone_until_saved(tmp_path
 @pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq", "ivfrabitq"])
 def test_filtered_search_returns_k_matching_hits(base, queries, kind, recwarn):
     vectors, metadata = base
-    rare = [dict(record, tag="rare") if i % 400 == 3 else record for i, record in enumerate(metadata)]  # 13 of 5000
-    index = RetrievalIndex.build(vectors, rare, kind=kind)
+    check_filtered_search(RetrievalIndex.build(vectors, rare(metadata), kind=kind), metadata, queries)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_refined_index_filters_its_candidates(refined_dir, base, queries, mmap):
+    check_filtered_search(RetrievalIndex.load(refined_dir, mmap=mmap), base[1], queries)
+
+
+def check_filtered_search(index: RetrievalIndex, metadata: list[dict], queries: np.ndarray) -> None:
+    """Searches of ``index`` (of ``rare(metadata)``) for rare tags and for one cluster's even ids get k
+    matching hits, or all there are."""
     for hits in index.search_vectors(queries[:5], k=10, where={"tag": "rare"}):
         assert len(hits) == 10 and all(hit.metadata["tag"] == "rare" for hit in hits)
     for hits in index.search_vectors(queries[:5], k=20, where={"tag": "rare"}):
