@@ -163,21 +163,30 @@ class ShardReader:
                 self._keys.add(key)
             yielded += 1
             yield sample
+        self._account(url, yielded, errors, duplicates)
+
+    def _account(self, url: str, yielded: int, errors: list[Exception], duplicates: int) -> None:
+        """Record what shard ``url`` could not deliver, warning once per shard (a resampled stream may
+        draw a broken shard again and again)."""
         expected = shard_count(url, self._sizes) if is_local(url) else None
         lost = max(0, expected - yielded) if expected is not None else 0
         if errors:
             self.counts.broken.append(url)
-            if url not in self._reported:  # a resampled stream may draw it again and again: say it once
-                self._reported.add(url)
-                log.warning("broken shard %s (%s: %s): %d samples read, %s lost", url, type(errors[0]).__name__,
-                            errors[0], yielded, lost if expected is not None else "an unknown number (no sizes.json entry)")
-        elif lost:
-            log.warning("shard %s yielded %d of the %d samples its sizes.json lists (%d without the members "
-                        "%s)", url, yielded, expected, lost, "/".join(sorted(self.select.extensions)) if self.select else "")
         if lost:
             self.counts.lost[url] += lost
+        self.counts.duplicates += duplicates
+        if url in self._reported or not (errors or lost or duplicates):
+            return
+        self._reported.add(url)
+        if errors:
+            how_many = lost if expected is not None else "an unknown number (no sizes.json entry)"
+            log.warning("broken shard %s (%s: %s): %d samples read, %s lost", url, type(errors[0]).__name__,
+                        errors[0], yielded, how_many)
+        elif lost:
+            wanted = "/".join(sorted(self.select.extensions)) if self.select else "any"
+            log.warning("shard %s yielded %d of the %d samples its sizes.json lists (%d without a %s member)",
+                        url, yielded, expected, lost, wanted)
         if duplicates:
-            self.counts.duplicates += duplicates
             log.warning("%d samples of shard %s have keys seen before (kept; keys name samples, so a duplicate "
                         "is usually a copied shard or two shard sets with overlapping keys)", duplicates, url)
 
