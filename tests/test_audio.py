@@ -7,7 +7,6 @@ import dataclasses
 import io
 import random
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest

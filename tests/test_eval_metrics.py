@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from clip_benchmark.metrics import zeroshot_classification as cb_classification
 from clip_benchmark.metrics import zeroshot_retrieval as cb_retrieval
 from sklearn.metrics import balanced_accuracy_score
 

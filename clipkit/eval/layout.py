@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipkit.data.classes import read_lines
 from clipkit.data.shards import expand_shards, missing_local_shards, natural_key
 from clipkit.errors import DataError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipkit.eval.layout import read_lines
+from clipkit.data.classes import read_lines
 
 BUILTIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     # The single prompt of CLIP's paper baseline.
