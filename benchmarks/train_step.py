@@ -3,12 +3,17 @@
     python benchmarks/train_step.py                      # CPU: ViT-Ti/16 + 4-layer text, batch 32
     python benchmarks/train_step.py --preset small-resnet  # the same with a ResNet-18 tower
     python benchmarks/train_step.py --preset vit-b-16    # GPU: open_clip's ViT-B-16, batch 256, bf16
+    python benchmarks/train_step.py --preset open-clip-vit  # CPU: an open_clip ViT-Ti/16 in model.open_clip
+    python benchmarks/train_step.py --device cuda --preset open-clip-vit-b-32  # GPU: ViT-B-32, batch 256, bf16
 
 A step is forward, loss, backward and optimizer update, as each trainer runs it: clipkit's
 ``Trainer.train_step`` and open_clip's ``open_clip_train.train.train_one_epoch`` (its model from
 ``create_model_and_transforms``, AdamW with its parameter groups, cosine schedule, ``ClipLoss``). Both
 models are one timm tower plus open_clip's text transformer with the same widths (the parameter
-counts are printed). Batches are made once from the same 512-px toy shards, by each trainer's own
+counts are printed). The ``open-clip-*`` presets train one open_clip architecture on both sides:
+clipkit through ``model.open_clip``, open_clip as it trains its own models, both from the same random
+weights (written once by open_clip's ``save_for_hf`` and loaded as ``pretrained``). Batches are made
+once from the same 512-px toy shards, by each trainer's own
 decoding: clipkit's loader (uint8 crops), open_clip's train transform and tokenizer (float crops);
 the loaders themselves are measured by ``data_pipeline.py``.
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import io
 import itertools
 import json
@@ -32,15 +38,19 @@ import math
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 import _common
+
+if TYPE_CHECKING:
+    from clipkit.config import ModelConfig
 
 NUM_BATCHES = 2  # distinct batches each variant cycles through (the step's cost does not depend on them)
 
@@ -70,13 +80,102 @@ class Preset:
                          "width": self.text_width, "heads": self.text_heads, "layers": self.text_layers},
         }
 
+    @property
+    def open_clip_name(self) -> str:
+        return "bench-" + self.timm_name
 
-PRESETS = {
+    def describe(self) -> str:
+        return (f"{self.timm_name} at {self.image_size} px + {self.text_layers}-layer {self.text_width}-wide text "
+                f"transformer, embed {self.embed_dim}")
+
+    def prepare(self, out_dir: Path) -> str | None:
+        """Register the open_clip config of the same model; no shared weights (each side draws its own)."""
+        import open_clip
+
+        path = out_dir / f"{self.open_clip_name}.json"
+        path.write_text(json.dumps(self.open_clip_config()))
+        open_clip.add_model_config(path)
+        return None
+
+    def clipkit_model(self, pretrained: str | None) -> "ModelConfig":
+        """clipkit's config of the model; ``pretrained`` is :meth:`prepare`'s None (random weights)."""
+        from clipkit.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+
+        return ModelConfig(
+            embed_dim=self.embed_dim,
+            image=ImageTowerConfig(timm_name=self.timm_name, image_size=self.image_size),
+            text=TextTowerConfig(context_length=self.context_length, vocab_size=self.vocab_size,
+                                 width=self.text_width, heads=self.text_heads, layers=self.text_layers),
+        )
+
+
+class _BundledVocabulary:
+    """open_clip's CLIP tokenizer ships its vocabulary in the wheel: ``save_for_hf`` has nothing to save."""
+
+    def save_pretrained(self, folder: Path) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class OpenClipPreset:
+    """An open_clip architecture (open_clip's own, or ``config`` registered under ``name``) that both
+    trainers train from the same random weights: clipkit through ``model.open_clip``."""
+
+    name: str
+    batch_size: int
+    config: dict | None = None
+    # "cuda": the preset is sized for a GPU and refuses to run on a CPU.
+    device: str | None = None
+
+    @property
+    def open_clip_name(self) -> str:
+        return self.name
+
+    def model_cfg(self) -> dict:
+        import open_clip
+
+        return self.config or open_clip.get_model_config(self.name)
+
+    def describe(self) -> str:
+        vision, text = self.model_cfg()["vision_cfg"], self.model_cfg()["text_cfg"]
+        return (f"open_clip {self.name}: {vision['layers']}-layer {vision['width']}-wide ViT/{vision['patch_size']} "
+                f"at {vision['image_size']} px + {text['layers']}-layer {text['width']}-wide text transformer, "
+                f"embed {self.model_cfg()['embed_dim']}, the same weights on both sides")
+
+    def prepare(self, out_dir: Path) -> str:
+        """Register the architecture and write random weights of it with open_clip's ``save_for_hf``;
+        returns the weights file both trainers load."""
+        import open_clip
+        from open_clip.push_to_hf_hub import save_for_hf
+
+        if self.config is not None:
+            path = out_dir / f"{self.name}.json"
+            path.write_text(json.dumps(self.config))
+            open_clip.add_model_config(path)
+        torch.manual_seed(0)
+        folder = out_dir / "weights"
+        save_for_hf(open_clip.create_model(self.name), _BundledVocabulary(), self.model_cfg(), str(folder),
+                    safe_serialization=True)
+        return str(folder / "open_clip_model.safetensors")
+
+    def clipkit_model(self, pretrained: str | None) -> "ModelConfig":
+        from clipkit.config import ModelConfig, OpenClipConfig
+
+        return ModelConfig(open_clip=OpenClipConfig(name=self.name, pretrained=pretrained))
+
+
+PRESETS: dict[str, Preset | OpenClipPreset] = {
     "small": Preset("vit_tiny_patch16_224", 224, 256, 256, 4, 4, batch_size=32),
     # A convolutional tower, where channels-last memory can matter.
     "small-resnet": Preset("resnet18", 224, 256, 256, 4, 4, batch_size=32),
     # open_clip's ViT-B-16 (timm's ViT-B/16 trunk, 512-wide 12-layer text transformer).
     "vit-b-16": Preset("vit_base_patch16_224", 224, 512, 512, 8, 12, batch_size=256),
+    # The small preset's widths as open_clip's own VisionTransformer (ViT-Ti/16) and text transformer.
+    "open-clip-vit": OpenClipPreset("bench-open-clip-vit-ti-16", batch_size=32, config={
+        "embed_dim": 256,
+        "vision_cfg": {"image_size": 224, "layers": 12, "width": 192, "head_width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4}}),
+    "open-clip-vit-b-32": OpenClipPreset("ViT-B-32", batch_size=256, device="cuda"),
 }
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendor's data sheets, for model FLOPs utilisation.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
@@ -89,20 +188,14 @@ class ClipkitStep:
     """clipkit's Trainer (its defaults, or ``options`` such as ``compile=True``) stepping over batches
     from its own loader."""
 
-    def __init__(self, preset: Preset, pattern: str, out_dir: Path, **options: bool) -> None:
-        from clipkit.config import (AugmentConfig, DataConfig, ExperimentConfig, ImageTowerConfig, ModelConfig,
-                                    TextTowerConfig, TrainConfig)
+    def __init__(self, model: "ModelConfig", batch_size: int, pattern: str, device: torch.device, out_dir: Path,
+                 **options: bool) -> None:
+        from clipkit.config import AugmentConfig, DataConfig, ExperimentConfig, TrainConfig
         from clipkit.train.trainer import Trainer
 
-        model = ModelConfig(
-            embed_dim=preset.embed_dim,
-            image=ImageTowerConfig(timm_name=preset.timm_name, image_size=preset.image_size),
-            text=TextTowerConfig(context_length=preset.context_length, vocab_size=preset.vocab_size,
-                                 width=preset.text_width, heads=preset.text_heads, layers=preset.text_layers),
-        )
-        data = DataConfig(train_shards=pattern, batch_size=preset.batch_size, num_workers=0, shuffle_buffer=0,
+        data = DataConfig(train_shards=pattern, batch_size=batch_size, num_workers=0, shuffle_buffer=0,
                           augment=AugmentConfig(crop_scale=_common.OPEN_CLIP_CROP_SCALE))
-        train = TrainConfig(output_dir=str(out_dir), max_steps=10**6, warmup_steps=10, **options)
+        train = TrainConfig(output_dir=str(out_dir), max_steps=10**6, warmup_steps=10, device=str(device), **options)
         self.trainer = Trainer(ExperimentConfig(model=model, data=data, train=train), progress=False)
         self.model = self.trainer.model
         self.batches = list(itertools.islice(iter(self.trainer.loader), NUM_BATCHES))
@@ -126,7 +219,8 @@ class ClipkitStep:
 class OpenClipStep:
     """open_clip's trainer (``train_one_epoch``) over batches made by its own transform and tokenizer."""
 
-    def __init__(self, preset: Preset, shards: list[str], device: torch.device, out_dir: Path, *, compile: bool) -> None:
+    def __init__(self, preset: Preset | OpenClipPreset, pretrained: str | None, shards: list[str],
+                 device: torch.device, *, compile: bool) -> None:
         import open_clip
         from open_clip_train.params import parse_args
         from open_clip_train.scheduler import cosine_lr
@@ -134,9 +228,7 @@ class OpenClipStep:
 
         from clipkit.data.pipeline import read_shards
 
-        name = "bench-" + preset.timm_name
-        (out_dir / f"{name}.json").write_text(json.dumps(preset.open_clip_config()))
-        open_clip.add_model_config(out_dir / f"{name}.json")
+        name = preset.open_clip_name
         precision = "amp_bf16" if device.type == "cuda" else "fp32"  # clipkit's "auto" picks the same
         args = parse_args(["--model", name, "--batch-size", str(preset.batch_size), "--precision", precision,
                            "--warmup", "10", "--lr", "5e-4", "--wd", "0.2", "--log-every-n-steps", "10000"])
@@ -144,7 +236,7 @@ class OpenClipStep:
         args.device, args.rank, args.local_rank, args.world_size = str(device), 0, 0, 1
         args.distributed, args.distill, args.wandb = False, False, False
         model, preprocess_train, _ = open_clip.create_model_and_transforms(
-            name, precision=precision, device=device, output_dict=True)
+            name, pretrained=pretrained, precision=precision, device=device, output_dict=True)
         self.model = model
         self.train_model = torch.compile(model) if compile else model  # as its --torchcompile does
         # open_clip's AdamW groups: no decay on gains, biases and the temperature.
@@ -254,38 +346,55 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, help="default: small on a CPU, vit-b-16 on a GPU")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the GPU when torch sees one")
     parser.add_argument("--batch-size", type=int, help="override the preset's batch size")
-    parser.add_argument("--variants", nargs="+", default=["open_clip", "clipkit", "clipkit-channels_last", "clipkit+compile"],
+    parser.add_argument("--variants", nargs="+",
                         help="open_clip, open_clip+compile, clipkit (its defaults: channels_last on, compile off) "
-                             "and clipkit with options turned on (+) or off (-), e.g. clipkit-channels_last+compile")
+                             "and clipkit with options turned on (+) or off (-), e.g. clipkit-channels_last+compile "
+                             "(default: open_clip clipkit clipkit-channels_last clipkit+compile; for the "
+                             "open-clip-* presets, whose ViTs have one convolution, open_clip clipkit)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per block")
     parser.add_argument("--repeats", type=int, default=8, help="timed blocks per variant")
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: known GPUs)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak bf16 TFLOP/s for MFU (default: the data sheet's for known GPUs: "
+                             + ", ".join(f"{name} {tflops:g}" for name, tflops in PEAK_BF16_TFLOPS) + ")")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = PRESETS[args.preset or ("vit-b-16" if device.type == "cuda" else "small")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("train_step.py: --device cuda, but torch sees no CUDA GPU on this machine")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    preset_name = args.preset or ("vit-b-16" if device.type == "cuda" else "small")
+    preset = PRESETS[preset_name]
+    if isinstance(preset, OpenClipPreset) and preset.device == "cuda" and device.type != "cuda":
+        sys.exit(f"train_step.py: preset {preset_name} is sized for a GPU: run it with --device cuda")
     if args.batch_size:
-        preset = Preset(**{**preset.__dict__, "batch_size": args.batch_size})
+        preset = dataclasses.replace(preset, batch_size=args.batch_size)
+    variants = args.variants or (["open_clip", "clipkit"] if isinstance(preset, OpenClipPreset)
+                                 else ["open_clip", "clipkit", "clipkit-channels_last", "clipkit+compile"])
     toy = _common.bench_shards(1024)
     shards = [str(p) for p in toy.train_shards]
-    print(f"{_common.machine()}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}\n{preset.timm_name} at {preset.image_size} px + "
-          f"{preset.text_layers}-layer {preset.text_width}-wide text transformer, embed {preset.embed_dim}, batch "
-          f"{preset.batch_size}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'} on {device.type}")
+    print(f"{_common.machine()}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}\n"
+          f"{preset.describe()}, batch {preset.batch_size}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'} "
+          f"on {device.type}")
 
     with tempfile.TemporaryDirectory() as tmp:
+        pretrained = preset.prepare(Path(tmp))
         runners = {}
-        for variant in args.variants:
+        for variant in variants:
             framework, *switches = re.split(r"(?=[+-])", variant)
             options = {switch[1:]: switch[0] == "+" for switch in switches}
             allowed = {"clipkit": {"channels_last", "compile"}, "open_clip": {"compile"}}.get(framework)
             if allowed is None or not set(options) <= allowed or (framework == "open_clip" and not all(options.values())):
                 parser.error(f"unknown variant {variant!r}")
-            out_dir = Path(tmp) / variant
-            out_dir.mkdir()
             if framework == "clipkit":
-                runners[variant] = ClipkitStep(preset, toy.shard_pattern("train"), out_dir, **options)
+                out_dir = Path(tmp) / variant
+                out_dir.mkdir()
+                runners[variant] = ClipkitStep(preset.clipkit_model(pretrained), preset.batch_size,
+                                               toy.shard_pattern("train"), device, out_dir, **options)
             else:
-                runners[variant] = OpenClipStep(preset, shards, device, out_dir, compile=options.get("compile", False))
+                runners[variant] = OpenClipStep(preset, pretrained, shards, device,
+                                                compile=options.get("compile", False))
         params = {v: sum(p.numel() for p in r.model.parameters()) for v, r in runners.items()}
         print("parameters: " + ", ".join(f"{v} {n / 1e6:.2f} M" for v, n in params.items()))
 

@@ -1,5 +1,5 @@
-"""The ``clipkit`` command: make-toy, make-shards, train, eval, embed, index, search, export-open-clip,
-quickstart, configs.
+"""The ``clipkit`` command: make-toy, make-shards, train, plot, eval, embed, index, search,
+export-open-clip, wise-ft, quickstart, configs.
 
 Building the parser imports nothing heavy (no torch, timm, open_clip or FAISS): ``clipkit --help``
 answers at once, and each command imports what it needs when it runs.
@@ -132,11 +132,39 @@ def cmd_export_open_clip(args: argparse.Namespace) -> None:
     print(f"load it with open_clip.create_model_and_transforms('local-dir:{folder}')")
 
 
+def cmd_wise_ft(args: argparse.Namespace) -> None:
+    from clipkit.eval.benchmark import evaluate_zeroshot
+    from clipkit.eval.encoders import load_encoder
+    from clipkit.wise_ft import write_wise_ft
+
+    try:
+        alphas = [float(alpha) for alpha in args.alphas.split(",")]
+    except ValueError:
+        raise ValueError(f"--alphas must be comma-separated numbers in [0, 1], got {args.alphas!r}") from None
+    out = Path(args.out) if args.out else Path(args.finetuned).parent / "wise-ft"
+    for alpha, path in zip(alphas, write_wise_ft(args.finetuned, args.original, alphas, out)):
+        report = evaluate_zeroshot(load_encoder(str(path), device=args.device), args.dataset,
+                                   classnames_file=args.classnames, templates=args.templates,
+                                   batch_size=args.batch_size, split=args.split, progress=not args.no_progress)
+        acc5 = report.metrics["acc5"]
+        top5 = f"acc5 {acc5:.2%}" if acc5 is not None else "acc5 n/a (< 5 classes)"
+        print(f"alpha {alpha:.2f}: acc1 {report.metrics['acc1']:.2%}  {top5}  {path}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from clipkit.data.table_shards import shards_for_tables
+
+    config = _load(args, [f"train.resume={args.resume}"] if args.resume else [])
+    # Tables named as shards are converted before torch loads (make-shards forks its workers); under
+    # torchrun one rank converts, whichever takes the cache's lock first, and the others reuse.
+    config.data, tables = shards_for_tables(config.data, progress=not args.no_progress)
+    for table in tables:
+        if table.converted or os.environ.get("RANK", "0") == "0":
+            print(table.describe())
+
     from clipkit.train.distributed import shutdown_distributed
     from clipkit.train.trainer import Trainer
 
-    config = _load(args, [f"train.resume={args.resume}"] if args.resume else [])
     trainer = None
     try:
         trainer = Trainer(config, progress=not args.no_progress)
@@ -150,6 +178,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         if trainer is not None:
             trainer.close()
         shutdown_distributed()
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from clipkit.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -231,12 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_arg(shards)
     shards.set_defaults(func=cmd_make_shards)
 
-    train = sub.add_parser("train", help="train a contrastive model on webdataset shards")
+    train = sub.add_parser("train", help="train a contrastive model on webdataset shards (or on a CSV/TSV/JSONL "
+                           "of image paths and captions, converted into shards cached beside it)")
     _add_config_args(train, default=None)
     train.add_argument("--resume", metavar="latest|PATH",
                        help="continue from the newest checkpoint in train.output_dir, or from a checkpoint file")
     _add_progress_arg(train)
     train.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="draw a training run's metrics.jsonl as a PNG: loss, learning rate, "
+                          "temperature and the evaluation metrics against steps")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (train.output_dir), with metrics.jsonl")
+    plot.add_argument("--out", metavar="PNG", help="the image to write (default: RUN_DIR/metrics.png; a .pdf or "
+                      ".svg suffix writes that format)")
+    plot.set_defaults(func=cmd_plot)
 
     evaluate = sub.add_parser("eval", help="evaluate a clipkit or open_clip model").add_subparsers(
         dest="task", required=True)
@@ -284,6 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a clipkit checkpoint (final.pt or step-N.pt)")
     export.add_argument("out", help="output folder (open_clip_config.json + open_clip_model.safetensors)")
     export.set_defaults(func=cmd_export_open_clip)
+
+    wise = sub.add_parser("wise-ft", help="weight-space ensembles (WiSE-FT) of a fine-tuned model and its "
+                          "original at several alphas, each written and evaluated zero-shot")
+    wise.add_argument("finetuned", help="the fine-tuned clipkit checkpoint (final.pt)")
+    wise.add_argument("original", help="the model it started from: a clipkit checkpoint, or for a fine-tuned "
+                      "open_clip model its open_clip weights (a file, a cached zoo tag or local-dir:FOLDER)")
+    wise.add_argument("--alphas", default="0,0.5,1", help="weights of the fine-tuned model, comma-separated "
+                      "(0: the original, 1: the fine-tuned; default: 0,0.5,1)")
+    wise.add_argument("--out", help="folder for the checkpoints (default: wise-ft/ beside FINETUNED)")
+    wise.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    _add_dataset_arg(wise, "zero-shot classification data, as `clipkit eval zeroshot --dataset` takes it")
+    wise.add_argument("--classnames", help="one class name per line (default: as `clipkit eval zeroshot`)")
+    wise.add_argument("--templates", help="a templates file or built-in set (default: as `clipkit eval zeroshot`)")
+    wise.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
+    _add_progress_arg(wise)
+    wise.set_defaults(func=cmd_wise_ft)
 
     quick = sub.add_parser("quickstart", help="offline end-to-end demo on toy data (CPU, minutes)")
     _add_config_args(quick, default=QUICKSTART_CONFIG)

@@ -146,6 +146,25 @@ class VideoTowerConfig:
 
 
 @dataclass
+class OpenClipConfig:
+    """Image and text towers taken from an open_clip model, with its temperature (and SigLIP bias),
+    tokenizer and preprocessing. The model fixes what model.embed_dim and the model.image / model.text
+    tower settings would say, so those stay unset (their `lock` still applies)."""
+
+    # An open_clip architecture (open_clip.list_models(): ViT-B-32, RN50, ViT-B-16-SigLIP, ...) or
+    # local-dir:FOLDER, a folder open_clip wrote (open_clip_config.json + weights).
+    name: str = ""
+    # Weights of a named architecture: a local file (.safetensors, .bin, .pt) or a zoo tag whose file is
+    # already in the local Hugging Face cache (never downloaded). Unset: random weights, or a
+    # local-dir: folder's own.
+    pretrained: str | None = None
+    # With model.image.lock / model.text.lock: the last this many layer groups of the tower stay
+    # trainable (open_clip's --lock-image-unlocked-groups / --lock-text-unlocked-layers).
+    lock_image_unlocked_groups: int = 0
+    lock_text_unlocked_layers: int = 0
+
+
+@dataclass
 class ModelConfig:
     embed_dim: int = 512
     # One tower each. Training aligns the first two (any pair: image-text, audio-text, video-text,
@@ -166,6 +185,8 @@ class ModelConfig:
     max_logit_scale: float = 100.0
     # SigLIP's learnable logit bias starts at -10: almost every pair in a batch is a non-match.
     init_logit_bias: float = -10.0
+    # Fine-tune an open_clip model: its image and text towers, temperature and bias (model.open_clip.*).
+    open_clip: OpenClipConfig | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -174,6 +195,35 @@ class ModelConfig:
             ("init_logit_scale", 0 < self.initial_logit_scale <= self.max_logit_scale,
              "must be positive and at most max_logit_scale"),
         )
+        if self.open_clip is not None:
+            self._check_open_clip()
+
+    def _check_open_clip(self) -> None:
+        """An open_clip model has exactly an image and a text tower, and its own sizes, preprocessing and
+        temperature: a setting it would silently override is an error. (Checked here rather than in
+        OpenClipConfig, whose own errors an optional section would report only as "must be OpenClipConfig".)"""
+        open_clip = self.open_clip
+        _check(
+            ("open_clip.name", bool(open_clip.name), "must name an open_clip architecture (e.g. ViT-B-32) or "
+             "local-dir:FOLDER"),
+            ("open_clip.lock_image_unlocked_groups", open_clip.lock_image_unlocked_groups >= 0, "must not be negative"),
+            ("open_clip.lock_text_unlocked_layers", open_clip.lock_text_unlocked_layers >= 0, "must not be negative"),
+            ("modalities", sorted(self.modalities) == ["image", "text"],
+             f"must be [image, text] with open_clip (its two towers), got {list(self.modalities)}"),
+        )
+        defaults = ModelConfig()
+        overridden = [key for key in ("embed_dim", "init_logit_scale") if getattr(self, key) != getattr(defaults, key)]
+        for section in ("image", "text"):
+            given, default = getattr(self, section), getattr(defaults, section)
+            overridden += [f"{section}.{item.name}" for item in dataclasses.fields(given)
+                           if item.name != "lock" and getattr(given, item.name) != getattr(default, item.name)]
+        if overridden:
+            raise ConfigError(f"{overridden[0]} is set by the open_clip model (model.open_clip.name "
+                              f"{open_clip.name!r}) and must be left out")
+        locks = (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers"))
+        for section, key in locks:
+            _check((f"open_clip.{key}", getattr(open_clip, key) == 0 or getattr(self, section).lock,
+                    f"needs model.{section}.lock: true (it unlocks the last groups of a locked tower)"))
 
     @property
     def initial_logit_scale(self) -> float:
@@ -200,7 +250,17 @@ class DataConfig:
     # Brace-expandable shard patterns, e.g. "shards/train-{000000..000099}.tar"; several sources are
     # joined with "::", e.g. "a/train-{000..099}.tar::b/train-{000..009}.tar".
     train_shards: str = ""
+    # Zero-shot classification shards (KEY.cls labels; classnames.txt and templates beside them or one
+    # folder up, as `clipkit eval zeroshot` reads them), evaluated during training (train.eval_every).
     eval_shards: str = ""
+    # Held-out image-text pairs: retrieval recall@1/5/10 both ways and the contrastive loss, evaluated
+    # during training.
+    val_shards: str = ""
+    # train_shards / val_shards may name a .csv, .tsv or .jsonl of image paths (relative to the table)
+    # and captions instead, converted into shards cached beside it. Its columns: {image: NAME,
+    # caption: NAME}; a role left out is found by its usual names (image, filepath, path, file,
+    # filename; caption, captions, title, text).
+    table_columns: dict[str, str] = field(default_factory=dict)
     # Samples in one epoch. Without resampling, one pass over train_shards (read from sizes.json
     # beside the shards when unset); with resampling, required: no pass ever ends.
     train_num_samples: int | None = None
@@ -281,6 +341,18 @@ class TrainConfig:
     resume: str | None = None
     seed: int = 0
     log_every: int = 10
+    # Layer-wise learning-rate decay (BEiT, open_clip fine-tuning recipes): the last block of each tower
+    # learns at train.lr, each block below it at layer_decay times the block above; embeddings and stems
+    # lowest. Unset: every parameter at train.lr.
+    layer_decay: float | None = None
+    # Evaluate on data.eval_shards / data.val_shards every this many steps, or after every "epoch";
+    # whenever either is set, also once at the end of training.
+    eval_every: int | Literal["epoch"] | None = None
+    # The evaluation metric that picks checkpoints/best.pt: acc1, acc5, mean_per_class_recall,
+    # image_retrieval_recall@K, text_retrieval_recall@K (K = 1, 5, 10; "audio_…" / "video_…" for those
+    # towers; higher is better) or val_loss (lower is better). Unset: acc1 with eval_shards, else
+    # image_retrieval_recall@1.
+    select_metric: str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -297,6 +369,8 @@ class TrainConfig:
             ("save_every", self.save_every is None or self.save_every >= 1, "must be at least 1"),
             ("keep_last", self.keep_last >= 1, "must be at least 1"),
             ("log_every", self.log_every >= 1, "must be at least 1"),
+            ("layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "must be in (0, 1]"),
+            ("eval_every", self.eval_every in (None, "epoch") or self.eval_every >= 1, "must be at least 1"),
             ("device", DEVICE_NAME.fullmatch(self.device) is not None,
              f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"),
         )
@@ -447,6 +521,9 @@ def _convert(hint: Any, value: Any, *, source: str, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            # An optional section: its own error (an unknown key, with a "did you mean") is the useful one.
+            return _convert(options[0], value, source=source, key=key)
         for option in options:
             try:
                 return _convert(option, value, source=source, key=key)
@@ -502,6 +579,10 @@ def _convert(hint: Any, value: Any, *, source: str, key: str) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -24,9 +24,10 @@ class InfoNCELoss(nn.Module):
     of world·B × world·B): the same loss and gradients after averaging, with far less memory.
     """
 
-    def __init__(self, local_loss: bool = False) -> None:
+    def __init__(self, local_loss: bool = False, across_ranks: bool = True) -> None:
         super().__init__()
         self.local_loss = local_loss
+        self.across_ranks = across_ranks
 
     def forward(
         self,
@@ -38,6 +39,8 @@ class InfoNCELoss(nn.Module):
         """features (B, D) each, logit_scale the multiplier (not its log) → scalar loss."""
         if logit_bias is not None:
             raise ValueError("InfoNCE has no logit bias; it belongs to the SigLIP loss")
+        if not self.across_ranks:
+            return self._loss(logit_scale * features_a @ features_b.T)
         rank, world = rank_and_world()
         all_a, all_b = gather_with_grad(features_a), gather_with_grad(features_b)
         if self.local_loss and world > 1:
@@ -45,7 +48,11 @@ class InfoNCELoss(nn.Module):
             logits_a = logit_scale * features_a @ all_b.T
             logits_b = logit_scale * features_b @ all_a.T
             return (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
-        logits = logit_scale * all_a @ all_b.T
+        return self._loss(logit_scale * all_a @ all_b.T)
+
+    @staticmethod
+    def _loss(logits: torch.Tensor) -> torch.Tensor:
+        """(N, N) logits with the matching pairs on the diagonal → scalar loss."""
         labels = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
@@ -58,6 +65,10 @@ class SigLIPLoss(nn.Module):
     time), so no rank ever holds every rank's features of both modalities.
     """
 
+    def __init__(self, across_ranks: bool = True) -> None:
+        super().__init__()
+        self.across_ranks = across_ranks
+
     def forward(
         self,
         features_a: torch.Tensor,
@@ -68,7 +79,7 @@ class SigLIPLoss(nn.Module):
         """features (B, D) each, logit_scale the multiplier, logit_bias a scalar → scalar loss."""
         if logit_bias is None:
             raise ValueError("the SigLIP loss needs a logit bias (model.loss: siglip creates one)")
-        _, world = rank_and_world()
+        world = rank_and_world()[1] if self.across_ranks else 1
         loss = self._pair_loss(features_a, features_b, logit_scale, logit_bias, matching=True)
         others = features_b
         for _ in range(world - 1):
@@ -87,10 +98,11 @@ class SigLIPLoss(nn.Module):
         return -F.logsigmoid(signs * logits).sum()
 
 
-def build_loss(name: str, *, local_loss: bool = False) -> nn.Module:
-    """The loss named by ``model.loss``; ``local_loss`` applies to InfoNCE."""
+def build_loss(name: str, *, local_loss: bool = False, across_ranks: bool = True) -> nn.Module:
+    """The loss named by ``model.loss``; ``local_loss`` applies to InfoNCE. With ``across_ranks``
+    false the loss sees only the features it is given (one process's evaluation of gathered features)."""
     if name == "infonce":
-        return InfoNCELoss(local_loss=local_loss)
+        return InfoNCELoss(local_loss=local_loss, across_ranks=across_ranks)
     if name == "siglip":
-        return SigLIPLoss()
+        return SigLIPLoss(across_ranks=across_ranks)
     raise ValueError(f"unknown loss {name!r}; available: infonce, siglip")

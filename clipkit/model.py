@@ -10,10 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkit.config import ModelConfig
+from clipkit.config import ConfigError, ModelConfig
 from clipkit.fingerprint import weights_fingerprint
+from clipkit.interop.openclip_towers import open_clip_parts
 from clipkit.modalities import FieldDecoder, get_modality
+from clipkit.modalities.openclip import preprocess_config, tokenizer_of
 from clipkit.modalities.text import tokenize
+
+# model.open_clip keys that say which weights train, not how the model embeds.
+OPEN_CLIP_LOCK_KEYS = ("lock_image_unlocked_groups", "lock_text_unlocked_layers")
 
 
 class ContrastiveModel(nn.Module):
@@ -27,23 +32,58 @@ class ContrastiveModel(nn.Module):
 
     name: str = "clipkit"
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, load_weights: bool = True) -> None:
+        """``load_weights`` false builds an open_clip model's architecture without reading its weights
+        file (a checkpoint's state is loaded next)."""
         super().__init__()
         if len(set(config.modalities)) < 2:
             raise ValueError(f"model.modalities needs at least two distinct modalities, got {config.modalities}")
         self.config = config
-        self.towers = nn.ModuleDict(
-            {name: get_modality(name, config).build_tower(config.embed_dim) for name in config.modalities}
-        )
+        if config.open_clip is not None:
+            parts = open_clip_parts(config.open_clip, load_weights=load_weights)
+            self.towers = nn.ModuleDict({name: parts.towers[name] for name in config.modalities})
+            self.logit_scale = nn.Parameter(parts.logit_scale.clone())
+            self._check_open_clip_scale()
+            self.logit_bias = self._open_clip_bias(parts.logit_bias)
+        else:
+            self.towers = nn.ModuleDict(
+                {name: get_modality(name, config).build_tower(config.embed_dim) for name in config.modalities}
+            )
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(config.initial_logit_scale)))
+            self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias)) if config.loss == "siglip" else None
         if "video" in self.towers and "image" in self.towers:
             self.towers["video"].frames = self.towers["image"]  # one image tower for images and video frames
         for name, checkpoint in config.init_towers.items():
             self._init_tower(name, checkpoint)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.initial_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias)) if config.loss == "siglip" else None
         self.locked = {name for name in config.modalities if getattr(getattr(config, name, None), "lock", False)}
+        unlocked_groups = open_clip_unlocked_groups(config)
         for name in self.locked:
-            self.towers[name].requires_grad_(False)
+            if unlocked_groups.get(name):
+                self.towers[name].lock(unlocked_groups[name])  # open_clip's partial lock: the tower trains on
+            else:
+                self.towers[name].requires_grad_(False)
+        self.locked -= {name for name, groups in unlocked_groups.items() if groups}
+
+    def _check_open_clip_scale(self) -> None:
+        """The open_clip model's temperature must survive :meth:`clamp_logit_scale_` unchanged."""
+        scale, limit = self.logit_scale.exp().item(), self.config.max_logit_scale
+        if scale > limit * (1 + 1e-6):
+            raise ConfigError(f"open_clip model {self.config.open_clip.name} has a logit scale of {scale:.4g}, above "
+                              f"model.max_logit_scale ({limit:g}), which the first step would clamp it to: raise "
+                              f"model.max_logit_scale")
+
+    def _open_clip_bias(self, checkpoint_bias: torch.Tensor | None) -> nn.Parameter | None:
+        """SigLIP's bias: the open_clip model's own, or ``init_logit_bias`` for a CLIP model fine-tuned with
+        the sigmoid loss. A SigLIP model's bias does not fit InfoNCE, so that pairing is refused."""
+        config, name = self.config, self.config.open_clip.name
+        if checkpoint_bias is None:
+            return nn.Parameter(torch.tensor(config.init_logit_bias)) if config.loss == "siglip" else None
+        if config.loss != "siglip":
+            raise ConfigError(f"open_clip model {name} is a SigLIP model (it has a logit bias): set model.loss: siglip")
+        if config.init_logit_bias != ModelConfig.init_logit_bias:
+            raise ConfigError(f"model.init_logit_bias is set by the open_clip model {name} (its own bias, "
+                              f"{checkpoint_bias.item():.4g}) and must be left out")
+        return nn.Parameter(checkpoint_bias.clone())
 
     def _init_tower(self, name: str, checkpoint: str) -> None:
         """Copy tower ``name`` from a clipkit checkpoint; a video tower takes an image tower's weights
@@ -102,7 +142,11 @@ class ContrastiveModel(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Strings → (N, context_length) token ids for :meth:`encode_text`, on the model's device."""
-        return tokenize(texts, self.config.text.context_length).to(self.logit_scale.device)
+        if self.config.open_clip is not None:
+            tokens = tokenizer_of(self.config.open_clip.name)(list(texts))
+        else:
+            tokens = tokenize(texts, self.config.text.context_length)
+        return tokens.to(self.logit_scale.device)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unit-norm features (B, embed_dim) for every modality of the batch the model has a tower for."""
@@ -117,13 +161,16 @@ class ContrastiveModel(nn.Module):
         return weights_fingerprint(self, {"clipkit": identity})
 
     def config_identity(self) -> dict:
-        """The model config without the keys that only say how the weights were obtained."""
+        """The model config without the keys that only say how the weights were obtained (for an open_clip
+        model, with the preprocessing its weights were trained with, which a zoo tag may set)."""
         config = dataclasses.asdict(self.config)
         config.pop("init_towers", None)
         for section in config.values():
             if isinstance(section, dict):
-                for key in ("pretrained", "pretrained_file", "lock"):
+                for key in ("pretrained", "pretrained_file", "lock", *OPEN_CLIP_LOCK_KEYS):
                     section.pop(key, None)
+        if self.config.open_clip is not None:
+            config["open_clip"]["preprocess"] = dataclasses.asdict(preprocess_config(self.config.open_clip))
         return config
 
     @torch.no_grad()
@@ -131,5 +178,12 @@ class ContrastiveModel(nn.Module):
         self.logit_scale.clamp_(0, math.log(self.config.max_logit_scale))
 
 
-def create_model(config: ModelConfig) -> ContrastiveModel:
-    return ContrastiveModel(config)
+def open_clip_unlocked_groups(config: ModelConfig) -> dict[str, int]:
+    """Per tower, the layer groups a locked open_clip tower leaves trainable (none without open_clip)."""
+    if config.open_clip is None:
+        return {}
+    return {"image": config.open_clip.lock_image_unlocked_groups, "text": config.open_clip.lock_text_unlocked_layers}
+
+
+def create_model(config: ModelConfig, *, load_weights: bool = True) -> ContrastiveModel:
+    return ContrastiveModel(config, load_weights=load_weights)

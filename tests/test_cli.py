@@ -15,7 +15,7 @@ from clipkit.cli import build_parser
 from retrieval import RetrievalIndex
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "timm", "open_clip", "torchaudio", "torchvision", "webdataset")
+HEAVY = ("torch", "timm", "open_clip", "torchaudio", "torchvision", "webdataset", "matplotlib")
 
 
 def run_python(code: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -62,7 +62,7 @@ def test_unknown_section_and_nested_key(tmp_path):
         ({"train": {"precision": "fp8"}}, r"train\.precision must be one of"),
         ({"data": {"augment": {"crop_scale": [0.5]}}}, r"data\.augment\.crop_scale must be a list of 2"),
         ({"model": {"image": "resnet"}}, r"model\.image must be a mapping"),
-        ({"train": {"max_steps": "ten"}}, r"train\.max_steps must be int or NoneType"),
+        ({"train": {"max_steps": "ten"}}, r"train\.max_steps must be int or null"),
     ],
 )
 def test_wrong_types_rejected(tmp_path, data, pattern):

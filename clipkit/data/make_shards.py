@@ -155,23 +155,28 @@ def list_samples(
         return InputSamples(_list_folder(input_path))
     if not input_path.exists():
         raise MakeShardsError(f"input {input_path} does not exist")
-    suffix = input_path.suffix.lower()
     required = {"--image-col": image_col}
     if label_col is not None:
         required["--label-col"] = label_col
     if caption_col is not None or label_col is None:
         required["--caption-col"] = caption_col or "caption"
-    if suffix in TABLE_DELIMITERS:
-        rows = _read_table(input_path, TABLE_DELIMITERS[suffix], required)
-    elif suffix == ".jsonl":
-        rows = _read_jsonl(input_path, required)
-    else:
-        raise MakeShardsError(f"input {input_path} is neither a folder nor a .csv, .tsv or .jsonl file")
+    rows = read_rows(input_path, required)
     labels, classnames = _row_labels(input_path, rows, label_col, given) if label_col else ([None] * len(rows), None)
     samples = [_row_sample(row, f"{input_path} row {number}", input_path.parent, image_col,
                            caption_col or "caption", label, label_col)
                for number, (row, label) in enumerate(zip(rows, labels), start=1)]
     return InputSamples(samples, classnames)
+
+
+def read_rows(path: Path, required: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The rows of a .csv/.tsv or .jsonl file; ``required`` maps the option that names a column to
+    the column name that must be there."""
+    suffix = path.suffix.lower()
+    if suffix in TABLE_DELIMITERS:
+        return _read_table(path, TABLE_DELIMITERS[suffix], required or {})
+    if suffix == ".jsonl":
+        return _read_jsonl(path, required or {})
+    raise MakeShardsError(f"input {path} is neither a folder nor a .csv, .tsv or .jsonl file")
 
 
 def _row_labels(path: Path, rows: list[dict[str, Any]], label_col: str, given: list[str] | dict[str, str] | None

@@ -70,6 +70,36 @@ def unique_names(classnames: list[str]) -> list[str]:
     return [f"{name} [{i}]" if counts[name] > 1 else name for i, name in enumerate(classnames)]
 
 
+def zeroshot_metrics(
+    encoder: Encoder, features: torch.Tensor, labels: torch.Tensor, classnames: list[str], templates: list[str],
+    batch_size: int = 256, cache: ClassifierCache | None = None,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Zero-shot metrics of unit-norm features (N, D) with labels (N,), and the scores (N, C) behind them."""
+    classifier = build_zeroshot_classifier(encoder, classnames, templates, batch_size, cache)
+    scores = features @ classifier
+    result = classification_metrics(scores, labels, ks=(1, 5))
+    metrics = {
+        "acc1": result.topk[1],
+        # CLIP_benchmark reports no top-5 accuracy (NaN) below 5 classes, where every sample would hit.
+        "acc5": result.topk[5] if len(classnames) >= 5 else None,
+        "mean_per_class_recall": result.mean_per_class_recall,
+        "per_class_recall": dict(zip(unique_names(classnames), result.per_class_recall)),
+    }
+    return metrics, scores
+
+
+def retrieval_metrics(encoder: Encoder, features: torch.Tensor, captions: list[list[str]], modality: str,
+                      batch_size: int = 256) -> dict[str, float]:
+    """Recall@1/5/10 both ways between items (N, D) and their captions (one or more per item)."""
+    texts = [text for item in captions for text in item]
+    text_to_item = [i for i, item in enumerate(captions) for _ in item]
+    text_features = embed_texts(encoder, texts, batch_size)
+    metrics = image_text_retrieval(features, text_features, torch.tensor(text_to_item), RETRIEVAL_KS)
+    if modality != "image":  # CLIP_benchmark's names say "image"; name the modality evaluated
+        metrics = {name.replace("image", modality): value for name, value in metrics.items()}
+    return metrics
+
+
 def evaluate_zeroshot(
     encoder: Encoder,
     dataset: str,
@@ -106,23 +136,15 @@ def evaluate_zeroshot(
     if int(labels.max()) >= num_classes or int(labels.min()) < 0:
         raise ValueError(f"labels run from {int(labels.min())} to {int(labels.max())} but there are only "
                          f"{num_classes} class names (from {classnames_file or layout.side_file(CLASSNAMES_FILE)})")
-    classifier = build_zeroshot_classifier(encoder, data.classnames, template_list, batch_size, cache)
-    scores = embedded.features @ classifier
-    result = classification_metrics(scores, labels, ks=(1, 5))
-    metrics = {
-        "acc1": result.topk[1],
-        # CLIP_benchmark reports no top-5 accuracy (NaN) below 5 classes, where every sample would hit.
-        "acc5": result.topk[5] if num_classes >= 5 else None,
-        "mean_per_class_recall": result.mean_per_class_recall,
-        "per_class_recall": dict(zip(unique_names(data.classnames), result.per_class_recall)),
-    }
+    metrics, scores = zeroshot_metrics(encoder, embedded.features, labels, data.classnames, template_list,
+                                       batch_size, cache)
     details: dict[str, Any] = {"classes": num_classes, "templates": len(template_list),
                                "chance": 1 / num_classes}
     if confusion_png:
         matrix = confusion_matrix(scores, labels)
         details["confusion_matrix"] = str(save_confusion_png(
-            matrix, data.classnames, confusion_png, title=f"{encoder.name} on {dataset}: top-1 {result.topk[1]:.1%}"))
-    return EvalReport("zeroshot_classification", encoder.name, dataset, modality, metrics, result.num_samples,
+            matrix, data.classnames, confusion_png, title=f"{encoder.name} on {dataset}: top-1 {metrics['acc1']:.1%}"))
+    return EvalReport("zeroshot_classification", encoder.name, dataset, modality, metrics, len(labels),
                       embedded.num_skipped, time.perf_counter() - start, details)
 
 
@@ -148,12 +170,7 @@ def evaluate_retrieval(
                                 num_workers=num_workers, path_col=path_col, caption_col=caption_col, split=split)
     embedded = embed_batches(encoder, modality, batches, keep=["captions"], progress=progress)
     captions: list[list[str]] = embedded.fields["captions"]
-    texts = [text for item in captions for text in item]
-    text_to_item = [i for i, item in enumerate(captions) for _ in item]
-    text_features = embed_texts(encoder, texts, batch_size)
-    metrics = image_text_retrieval(embedded.features, text_features, torch.tensor(text_to_item), RETRIEVAL_KS)
-    if modality != "image":  # CLIP_benchmark's names say "image"; name the modality evaluated
-        metrics = {name.replace("image", modality): value for name, value in metrics.items()}
-    details = {"texts": len(texts)}
+    metrics = retrieval_metrics(encoder, embedded.features, captions, modality, batch_size)
+    details = {"texts": sum(map(len, captions))}
     return EvalReport("zeroshot_retrieval", encoder.name, dataset, modality, metrics, len(captions),
                       embedded.num_skipped, time.perf_counter() - start, details)

@@ -157,7 +157,7 @@ def _folder_labelled(root: Path, extensions: Sequence[str], classnames: list[str
     return samples, names
 
 
-def _check_members(layout: DatasetLayout, field: FieldDecoder, how_to_add: str) -> None:
+def check_members(layout: DatasetLayout, field: FieldDecoder, how_to_add: str) -> None:
     """Fail at once, with what to do, when the first sample of the shards lacks ``field``'s member
     (rather than skip every sample with a warning each)."""
     first = next(iter(read_shards(layout.shards[:1])), None)
@@ -198,7 +198,7 @@ def classification_data(
                 raise FileNotFoundError(f"no {CLASSNAMES_FILE} beside the shards of {spec} or one folder up: "
                                         "give the class names with --classnames")
             classnames = read_lines(found, "class names")
-        _check_members(layout, CLASS_LABEL_FIELD, ADD_CLASS_LABELS)
+        check_members(layout, CLASS_LABEL_FIELD, ADD_CLASS_LABELS)
         batches = shard_batches(layout.shards, [decoder, CLASS_LABEL_FIELD], batch_size, num_workers)
         return ClassificationData(batches, classnames, spec)
     if layout.kind == "folder":
@@ -230,7 +230,7 @@ def retrieval_batches(
     """Batches of items with their captions (``captions``: a list of lists) from shards or a CSV."""
     layout = resolve_dataset(spec, split)
     if layout.kind == "shards":
-        _check_members(layout, CAPTIONS_FIELD, "retrieval needs the captions of each sample in KEY.txt "
+        check_members(layout, CAPTIONS_FIELD, "retrieval needs the captions of each sample in KEY.txt "
                                                "(one per line, or a JSON list)")
         return shard_batches(layout.shards, [decoder, CAPTIONS_FIELD], batch_size, num_workers)
     if layout.kind == "csv":

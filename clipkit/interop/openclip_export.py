@@ -1,6 +1,7 @@
 """Export a clipkit image–text checkpoint as an open_clip model folder.
 
-The folder holds ``open_clip_config.json`` (open_clip's ``model_cfg`` + ``preprocess_cfg``) and
+A fine-tuned open_clip model (``model.open_clip``) goes back as its own architecture with the trained
+weights. Otherwise, the folder holds ``open_clip_config.json`` (open_clip's ``model_cfg`` + ``preprocess_cfg``) and
 ``open_clip_model.safetensors``: ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` builds
 the matching architecture (a timm image tower with a linear projection, open_clip's own text
 transformer, ``custom_text``) and loads the weights with strict key matching.
@@ -19,6 +20,9 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from safetensors.torch import save_file
 
 from clipkit.config import ModelConfig
+from clipkit.interop.openclip_factory import architecture_config, preprocess_settings
+from clipkit.interop.openclip_towers import to_open_clip_state
+from clipkit.modalities.openclip import tokenizer_of
 from clipkit.train.checkpoint import load_model
 
 # Renames from clipkit's module tree to open_clip's CustomTextCLIP (visual = TimmModel, text = TextTransformer).
@@ -88,19 +92,38 @@ def open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return renamed
 
 
+def fine_tuned_open_clip_config(config: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``model_cfg`` and ``preprocess_cfg`` of a fine-tuned open_clip model: its architecture's own
+    (a CLIP fine-tuned with the sigmoid loss gains SigLIP's bias)."""
+    model_cfg = architecture_config(config.open_clip.name, config.open_clip.pretrained)
+    if config.loss == "siglip" and model_cfg.get("init_logit_bias") is None:
+        model_cfg["init_logit_bias"] = config.init_logit_bias
+    return model_cfg, preprocess_settings(config.open_clip.name, config.open_clip.pretrained)
+
+
 def export_to_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``checkpoint`` as an open_clip model folder at ``out`` (replaced atomically)."""
     model, config = load_model(checkpoint)
-    model_cfg = open_clip_model_config(config.model)
-    preprocess_cfg = {"size": config.model.image.image_size, "mean": list(config.model.image.mean),
-                      "std": list(config.model.image.std), "interpolation": "bicubic", "resize_mode": "shortest"}
+    tokenizer_files = None
+    if config.model.open_clip is not None:
+        model_cfg, preprocess_cfg = fine_tuned_open_clip_config(config.model)
+        state = to_open_clip_state(model.state_dict(), model_cfg)
+        # A local-dir: folder's Hugging Face tokenizer is read from the folder itself.
+        tokenizer_files = getattr(tokenizer_of(config.model.open_clip.name), "save_pretrained", None)
+    else:
+        model_cfg = open_clip_model_config(config.model)
+        preprocess_cfg = {"size": config.model.image.image_size, "mean": list(config.model.image.mean),
+                          "std": list(config.model.image.std), "interpolation": "bicubic", "resize_mode": "shortest"}
+        state = open_clip_state_dict(model.state_dict())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        save_file(open_clip_state_dict(model.state_dict()), staging / HF_SAFE_WEIGHTS_NAME)
+        save_file(state, staging / HF_SAFE_WEIGHTS_NAME)
         (staging / HF_CONFIG_NAME).write_text(
             json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+        if tokenizer_files is not None:
+            tokenizer_files(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.replace(out)

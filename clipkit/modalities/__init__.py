@@ -11,6 +11,7 @@ from clipkit.config import ModelConfig, AugmentConfig
 from clipkit.modalities.audio import AudioModality
 from clipkit.modalities.base import FieldDecoder, Modality
 from clipkit.modalities.image import ImageModality
+from clipkit.modalities.openclip import OPEN_CLIP_MODALITIES
 from clipkit.modalities.text import TextModality
 from clipkit.modalities.video import VideoModality
 
@@ -30,7 +31,9 @@ def get_modality(name: str, model_config: ModelConfig, augment: AugmentConfig | 
     """Instantiate the plug-in for ``name`` from the model config (and training augmentation)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown modality {name!r}; available: {', '.join(available_modalities())}")
-    return _REGISTRY[name].from_config(model_config, augment or AugmentConfig())
+    # An open_clip model brings its own image preprocessing and tokenizer.
+    registry = OPEN_CLIP_MODALITIES if model_config.open_clip is not None else _REGISTRY
+    return registry[name].from_config(model_config, augment or AugmentConfig())
 
 
 __all__ = ["FieldDecoder", "Modality", "available_modalities", "get_modality"]

@@ -93,14 +93,15 @@ def decode_region(img: Image.Image, box: tuple[int, int, int, int], size: int) -
     return pixels[rows, columns]
 
 
-def resize_region(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """(h, w, 3) uint8 → (3, size, size) uint8, antialiased bicubic (as PIL's and open_clip's resize).
+def resize_region(pixels: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
+    """(h, w, 3) uint8 → (3, size, size) uint8, antialiased ``mode`` (bicubic or bilinear, as PIL's and
+    open_clip's resize).
 
     The permuted view is a channels-last (1, 3, h, w) batch: the layout torch's vectorised uint8
     resampling reads directly, about twice as fast as PIL's resize of the same crop.
     """
     batch = pixels.permute(2, 0, 1).unsqueeze(0)
-    return F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True)[0]
+    return F.interpolate(batch, size=(size, size), mode=mode, antialias=True)[0]
 
 
 @dataclass
@@ -118,13 +119,15 @@ class ImageDecoder:
     train: bool
     crop_scale: tuple[float, float]
     horizontal_flip: bool
+    # The training crop's resampling: "bicubic" or "bilinear" (an open_clip model's own setting).
+    interpolation: str = "bicubic"
 
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as img:
             if not self.train:
                 return resize_centre_crop(img, self.image_size)
             box = random_resized_crop_box(*img.size, self.crop_scale, rng)
-            out = resize_region(decode_region(img, box, self.image_size), self.image_size)
+            out = resize_region(decode_region(img, box, self.image_size), self.image_size, self.interpolation)
         if self.horizontal_flip and rng.random() < 0.5:
             out = out.flip(-1)
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -54,12 +54,16 @@ class CaptionDecoder:
 
     context_length: int
     train: bool = True
+    # A model's own tokenizer (an open_clip model's: strings → (N, context_length) ids); None: CLIP's BPE.
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None
 
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
         captions = parse_captions(data.decode("utf-8"))
         if not captions:
             raise ValueError("empty caption")
         caption = rng.choice(captions) if self.train and len(captions) > 1 else captions[0]
+        if self.tokenizer is not None:
+            return self.tokenizer([bound_text(caption, self.context_length)])[0]
         return tokenize([caption], self.context_length)[0]
 
 

@@ -66,7 +66,7 @@ def load_model(
     config = from_dict(ExperimentConfig, payload["config"], source=f"checkpoint {path}")
     # The weights come from the checkpoint: never fetch pretrained weights or initial towers again.
     image = dataclasses.replace(config.model.image, pretrained=False, pretrained_file=None)
-    model = ContrastiveModel(dataclasses.replace(config.model, image=image, init_towers={}))
+    model = ContrastiveModel(dataclasses.replace(config.model, image=image, init_towers={}), load_weights=False)
     model.load_state_dict(payload["model"])
     model.name = str(path)
     return model.to(map_location).eval(), config

@@ -11,7 +11,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class MetricsLogger:
-    """Writes ``{"step": ..., "time": ..., **metrics}`` lines to ``metrics.jsonl`` in ``log_dir``."""
+    """Writes ``{"step": ..., "time": ..., "split": "train" | "eval", **metrics}`` lines to
+    ``metrics.jsonl`` in ``log_dir``, and each number to TensorBoard as ``split/name``."""
 
     def __init__(self, log_dir: str | Path, *, append: bool = False, tensorboard: bool = True) -> None:
         self.log_dir = Path(log_dir)
@@ -22,7 +23,7 @@ class MetricsLogger:
         self._tensorboard = SummaryWriter(str(self.log_dir / "tensorboard")) if tensorboard else None
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
-        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        record = {"step": step, "time": round(time.time(), 3), "split": prefix, **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tensorboard is not None:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from clipkit.config import TrainConfig
+from clipkit.model import ContrastiveModel
+from clipkit.train.layer_decay import layer_lr_scales
 
 
 def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -16,19 +18,31 @@ def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "logit_scale" in name or "logit_bias" in name or "embedding" in name
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+def build_optimizer(model: ContrastiveModel, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, in groups by learning rate and weight decay.
+
+    The first two groups learn at ``config.lr`` (with decay, then without), so the scheduler's first
+    rate is ``train.lr``'s; with ``train.layer_decay`` each lower layer's parameters follow in groups
+    of their own, at ``lr × layer_decay ** depth`` (:mod:`clipkit.train.layer_decay`). The scale is put
+    into each group's ``lr``: the schedule multiplies every group's initial rate.
+    """
+    scales = layer_lr_scales(model.towers, config.layer_decay) if config.layer_decay is not None else {}
+    # Keyed (scale, decays); the two full-rate groups always exist, as checkpoints expect them.
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if _no_weight_decay(name, param) else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+            key = (scales.get(id(param), 1.0), not _no_weight_decay(name, param))
+            groups.setdefault(key, []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (-item[0][0], not item[0][1]))
+    param_groups = [
+        {"params": params, "lr": config.lr * scale, "weight_decay": config.weight_decay if decays else 0.0}
+        for (scale, decays), params in ordered
     ]
     # The fused kernel is several times faster than the per-tensor loop (the CPU default) and
     # supports both CPU and CUDA parameters.
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
+    trainable = [p for group in groups.values() for p in group]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
 
 
 def lr_multiplier(

@@ -1,5 +1,6 @@
-"""The training loop, composed of small parts: process group, model, data stream, loss, optimizer,
-schedule, metrics and checkpoints.
+"""The training loop over parts built by a :class:`~clipkit.train.parts.TrainSpec` (model, data, loss,
+optimizer, schedule, evaluator, checkpointer, metrics): steps, accumulation, precision, DDP, the
+data position, checkpoints, evaluation and preemption.
 
 One code path serves one CPU process, one GPU and torchrun jobs over many GPUs and nodes: every
 rank reads its own shards, features are gathered across ranks inside the loss, and DDP averages the
@@ -11,30 +12,27 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from clipkit.config import ConfigError, ExperimentConfig, save_config
-from clipkit.data.pipeline import ShardStream, SkipRateGuard, build_loader, training_stream
-from clipkit.data.shards import count_samples, drop_missing_shards, expand_shards, shard_sources
+from clipkit.data.pipeline import ShardStream, SkipRateGuard
+from clipkit.data.shards import count_samples
 from clipkit.errors import DataError
-from clipkit.losses import build_loss
-from clipkit.modalities import get_modality
-from clipkit.model import ContrastiveModel, create_model
-from clipkit.train.checkpoint import Checkpointer, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from clipkit.model import ContrastiveModel
+from clipkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from clipkit.train.distributed import DistributedContext, all_reduce_mean, init_distributed
+from clipkit.train.evaluator import describe, is_better
 from clipkit.train.metrics import MetricsLogger
-from clipkit.train.optim import build_optimizer, build_scheduler
+from clipkit.train.parts import TrainSpec
 from clipkit.train.resume import check_resume
 
 log = logging.getLogger(__name__)
@@ -49,6 +47,9 @@ class TrainResult:
     seconds: float
     skipped: int
     interrupted: bool = False
+    # The last in-training evaluation (rank 0; None without evaluation data) and the time all of them took.
+    evaluation: dict[str, Any] | None = None
+    eval_seconds: float = 0.0
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
@@ -63,12 +64,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision in dtypes:
         return torch.autocast(device_type=device.type, dtype=dtypes[precision])
     return contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def steps_per_epoch(config: ExperimentConfig, shards: list[str], world_size: int) -> int:
@@ -149,22 +144,18 @@ class StopSignal:
 class Trainer:
     """Trains a :class:`ContrastiveModel` on webdataset shards as the config says."""
 
-    def __init__(self, config: ExperimentConfig, *, progress: bool = True) -> None:
+    def __init__(self, config: ExperimentConfig, *, progress: bool = True, spec: TrainSpec = TrainSpec()) -> None:
         if not config.data.train_shards:
             raise ValueError("data.train_shards is empty: point it at webdataset shards")
         output = Path(config.train.output_dir)
         if output.exists() and not output.is_dir():
             raise ConfigError(f"train.output_dir {output} is a file, not a folder: choose another train.output_dir")
         self.config = config
+        self.spec = spec
         self.dist: DistributedContext = init_distributed(config.train.device)
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
-        # Every rank builds identical initial weights (DDP also broadcasts rank 0's).
-        seed_everything(config.train.seed)
-        self.model: ContrastiveModel = create_model(config.model).to(self.device)
-        if config.train.channels_last:
-            self.model.to(memory_format=torch.channels_last)  # converts the 4-D (convolution) weights only
-        self.model.set_grad_checkpointing(config.train.grad_checkpointing)
+        self.model: ContrastiveModel = spec.model(config, self.device)
         self.ddp_model: nn.Module = self.model
         if self.dist.is_distributed:
             device_ids = [self.device] if self.device.type == "cuda" else None
@@ -176,33 +167,24 @@ class Trainer:
         self.precision = resolve_precision(self.device, config.train.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
-        # The loss aligns the first two modalities; further towers (e.g. a locked text tower beside an
-        # audio tower bound to a locked image tower, ImageBind-style) ride along for evaluation.
-        self.pair: tuple[str, str] = self.model.modalities[:2]
-        fields = [get_modality(name, config.model, config.data.augment).field(train=True)
-                  for name in self.pair]
-        # Missing local shards are named once, before training, and their samples count as skipped;
-        # with none left the run stops here instead of warning on every draw.
-        sources, self.missing = drop_missing_shards(shard_sources(config.data.train_shards,
-                                                                  config.data.train_data_weights))
-        if self.missing.shards and self.dist.is_main:
-            log.warning("%s; training on the others, their samples counted as skipped",
-                        self.missing.describe(len(expand_shards(config.data.train_shards))))
-        self.stream = training_stream(config.data, fields, seed=config.train.seed, rank=self.dist.rank,
-                                      world_size=self.dist.world_size, sources=sources)
-        self.loader = build_loader(self.stream, config.data.num_workers, pin_memory=self.device.type == "cuda",
-                                   start_method=config.data.worker_start_method)
+        data = spec.data(config, self.dist)
+        self.stream, self.loader, self.pair, self.missing = data.stream, data.loader, data.pair, data.missing
         self.total_steps = total_training_steps(config, self.stream, self.dist.world_size)
         # The missing shards' samples are counted once, by rank 0, so the sum over ranks holds them once.
         self.account = DataAccount(skipped=(self.missing.samples or 0) if self.dist.is_main else 0)
         self.skip_guard = SkipRateGuard(config.data.max_skip_fraction)
         # Each rank would have read a share of the missing shards' samples.
         self.skip_guard.update(0, (self.missing.samples or 0) // self.dist.world_size)
-        self.optimizer = build_optimizer(self.model, config.train)
-        self.scheduler = build_scheduler(self.optimizer, config.train, self.total_steps)
-        self.loss_fn = build_loss(config.model.loss, local_loss=config.train.local_loss)
+        self.optimizer = spec.optimizer(self.model, config.train)
+        self.scheduler = spec.scheduler(self.optimizer, config.train, self.total_steps)
+        self.loss_fn = spec.loss(config)
+        self.evaluator = spec.evaluator(config.data, config.model, self.dist)
+        self.eval_every = self._eval_interval()
+        self.select_metric = self._select_metric()
+        self.best_value: float | None = None
+        self.eval_seconds = self.last_eval_seconds = 0.0
         self.output_dir = Path(config.train.output_dir)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.train.keep_last)
+        self.checkpointer = spec.checkpointer(config.train)
         # Training position: optimizer steps done, samples consumed, and where in the data we are.
         self.step = 0
         self.samples_seen = 0
@@ -225,6 +207,7 @@ class Trainer:
             "batches_in_epoch": self.batches_in_epoch,
             "rng": rng_state(),
             "world_size": self.dist.world_size,
+            "best_value": self.best_value,
         }
 
     def resume(self, path: Path) -> None:
@@ -246,6 +229,7 @@ class Trainer:
         self.samples_seen = payload["samples_seen"]
         self.epoch = payload["epoch"]
         self.batches_in_epoch = payload["batches_in_epoch"]
+        self.best_value = payload.get("best_value")
         set_rng_state(payload["rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
@@ -258,6 +242,82 @@ class Trainer:
                                                                **self.state()))
             self._saved_step = self.step
         return self.checkpointer.path(self.step)
+
+    # --- evaluation --------------------------------------------------------------------------
+
+    def _eval_interval(self) -> int | None:
+        """Steps between evaluations (``train.eval_every``; "epoch" → the steps of one epoch)."""
+        every = self.config.train.eval_every
+        if every is None or self.evaluator is None:
+            if every is not None and self.dist.is_main:
+                log.warning("train.eval_every is set but data.eval_shards and data.val_shards are not: "
+                            "nothing to evaluate")
+            return None
+        if every != "epoch":
+            return every
+        if not self.config.train.max_steps:
+            return max(1, self.total_steps // self.config.train.epochs)
+        try:
+            return steps_per_epoch(self.config, self.stream.shards, self.dist.world_size)
+        except DataError as err:
+            raise ConfigError(f"train.eval_every: epoch needs the length of an epoch ({err}); "
+                              "or give train.eval_every in steps") from None
+
+    def _select_metric(self) -> str | None:
+        name = self.config.train.select_metric
+        if self.evaluator is None:
+            if name is not None:
+                raise ConfigError(f"train.select_metric {name!r} needs evaluation data: set data.eval_shards "
+                                  "(zero-shot classification) or data.val_shards (retrieval, validation loss)")
+            return None
+        if name is None:
+            return self.evaluator.default_metric()
+        if name not in self.evaluator.metric_names:
+            raise ConfigError(f"train.select_metric {name!r} is not evaluated with this config; it evaluates "
+                              f"{', '.join(self.evaluator.metric_names)}")
+        return name
+
+    def evaluate(self, metrics: MetricsLogger | None) -> dict[str, Any] | None:
+        """Evaluate now (every rank takes part), log and print the metrics on rank 0, and keep the
+        model as ``checkpoints/best.pt`` when ``select_metric`` improved."""
+        start = time.perf_counter()
+        try:
+            return self._evaluate(metrics)
+        finally:
+            self.last_eval_seconds = time.perf_counter() - start
+            self.eval_seconds += self.last_eval_seconds
+
+    def _evaluate(self, metrics: MetricsLogger | None) -> dict[str, Any] | None:
+        if self.evaluator is None or self.select_metric is None:
+            raise RuntimeError("evaluate() needs data.eval_shards or data.val_shards")
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                record = self.evaluator.evaluate(self.model)
+        finally:
+            self.model.train()
+        if record is None:  # not rank 0
+            self._write_on_main(lambda: None)
+            return None
+        record["epoch"] = self.epoch
+        value = record.get(self.select_metric)
+        improved = value is not None and is_better(self.select_metric, value, self.best_value)
+        if improved:
+            self.best_value = value
+        if metrics is not None:
+            metrics.log(self.step, record, prefix="eval")
+        when = (f"epoch {round(self.step / self.eval_every)}" if self.config.train.eval_every == "epoch"
+                else f"step {self.step}")
+        tqdm.write(f"eval after {when}: {describe(record, self.evaluator.modality)}  "
+                   f"[{record['eval_seconds']:.1f} s]" + (" (best so far)" if improved else ""))
+        # Every rank passes the same barrier once; rank 0 writes when the metric improved.
+        self._write_on_main(self._save_best if improved else lambda: None)
+        return record
+
+    def _save_best(self) -> None:
+        save_checkpoint(self.checkpointer.directory / "best.pt", self.model, self.config, step=self.step,
+                        samples_seen=self.samples_seen, select_metric=self.select_metric,
+                        select_value=self.best_value)
 
     def _write_on_main(self, write: Callable[[], object]) -> None:
         """Rank 0 writes; every rank waits until it has, so no rank reads or exits ahead of the file."""
@@ -376,7 +436,8 @@ class Trainer:
         loss = torch.tensor(float("nan"))
         micro_batches = self._micro_batches()
         interrupted = False
-        metrics = MetricsLogger(self.output_dir, append=config.train.resume is not None) if self.dist.is_main else None
+        evaluation: dict[str, Any] | None = None
+        metrics = self.spec.metrics(config.train) if self.dist.is_main else None
         with contextlib.ExitStack() as stack, StopSignal() as stop:
             if metrics is not None:
                 stack.enter_context(metrics)
@@ -393,16 +454,21 @@ class Trainer:
                 window.add(loss, batch_samples)
                 bar.update(1)
                 if self.step % config.train.log_every == 0 or self.step == self.total_steps:
-                    record = window.summary(self)
+                    record = self._training_record(window)
                     if metrics is not None:
                         metrics.log(self.step, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
                     window = _Window(time.perf_counter())
+                if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total_steps:
+                    evaluation = self.evaluate(metrics)
+                    window.start += self.last_eval_seconds  # the window's throughput counts training only
                 if config.train.save_every and self.step % config.train.save_every == 0:
                     self.save()
                 if stop.should_stop(self.dist):
                     interrupted = True
                     break
+            if self.evaluator is not None and not interrupted:
+                evaluation = self.evaluate(metrics)
         account = self.account
         if account.skipped:
             per_shard = ", ".join(f"{url}: {count}" for url, count in account.by_shard.most_common())
@@ -416,8 +482,37 @@ class Trainer:
             log.warning("stopped by signal at step %d of %d; continue with --resume latest", self.step,
                         self.total_steps)
         final_loss = float(all_reduce_mean(loss.to(self.device)).item())
+        seconds = time.perf_counter() - start
+        if self.eval_seconds and self.dist.is_main:
+            tqdm.write(f"evaluation took {self.eval_seconds:.1f} s, {self.eval_seconds / seconds:.1%} of the "
+                       f"run's {seconds:.0f} s")
         return TrainResult(checkpoint, self.step - start_step, self.samples_seen - start_samples,
-                           final_loss, time.perf_counter() - start, account.skipped, interrupted)
+                           final_loss, seconds, account.skipped, interrupted, evaluation, self.eval_seconds)
+
+    def _training_record(self, window: _Window) -> dict[str, Any]:
+        """A log line's metrics: the window's loss averaged over ranks, the data account summed over
+        ranks (one all-reduce for all of them), and the schedule's and model's state."""
+        world = self.dist.world_size
+        account = self.account
+        totals = all_reduce_mean(torch.tensor(
+            [float(window.loss_sum) / window.steps, account.skipped, len(account.broken_shards),
+             account.duplicate_keys], device=self.device, dtype=torch.float64))
+        record = {
+            "epoch": self.epoch,
+            "loss": totals[0].item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "temperature": 1.0 / self.model.logit_scale.exp().item(),
+            "logit_scale": self.model.logit_scale.exp().item(),
+            **window.rates(world),
+            "samples_seen": self.samples_seen,
+            "skipped_samples": round(totals[1].item() * world),
+            "broken_shards": round(totals[2].item() * world),
+            "duplicate_keys": round(totals[3].item() * world),
+            "missing_shards": len(self.missing.shards),
+        }
+        if self.model.logit_bias is not None:
+            record["logit_bias"] = self.model.logit_bias.item()
+        return record
 
     def _save_final(self) -> Path:
         """The trained model alone (weights + config) as ``checkpoints/final.pt``, for evaluation and serving."""
@@ -443,31 +538,8 @@ class _Window:
         self.steps += 1
         self.samples += samples
 
-    def summary(self, trainer: Trainer) -> dict[str, Any]:
-        """The window's metrics, averaged (loss) or summed (samples, skips) over all ranks."""
+    def rates(self, world_size: int) -> dict[str, float]:
+        """Throughput and data-wait share of the window (this rank's, scaled to all ranks)."""
         elapsed = time.perf_counter() - self.start
-        world = trainer.dist.world_size
-        device = trainer.device
-        account = trainer.account
-        totals = all_reduce_mean(torch.tensor(
-            [float(self.loss_sum) / self.steps, account.skipped, len(account.broken_shards), account.duplicate_keys],
-            device=device, dtype=torch.float64))
-        model = trainer.model
-        record = {
-            "epoch": trainer.epoch,
-            "loss": totals[0].item(),
-            "lr": trainer.scheduler.get_last_lr()[0],
-            "temperature": 1.0 / model.logit_scale.exp().item(),
-            "logit_scale": model.logit_scale.exp().item(),
-            "samples_per_s": self.samples * world / elapsed,
-            "samples_per_s_per_device": self.samples / elapsed,
-            "data_wait_fraction": self.data_wait / elapsed,
-            "samples_seen": trainer.samples_seen,
-            "skipped_samples": round(totals[1].item() * world),
-            "broken_shards": round(totals[2].item() * world),
-            "duplicate_keys": round(totals[3].item() * world),
-            "missing_shards": len(trainer.missing.shards),
-        }
-        if model.logit_bias is not None:
-            record["logit_bias"] = model.logit_bias.item()
-        return record
+        return {"samples_per_s": self.samples * world_size / elapsed, "samples_per_s_per_device": self.samples / elapsed,
+                "data_wait_fraction": self.data_wait / elapsed}
