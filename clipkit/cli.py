@@ -162,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if table.converted or os.environ.get("RANK", "0") == "0":
             print(table.describe())
 
-    from clipkit.train.distributed import shutdown_distributed
+    from clipkit.distributed import shutdown_distributed
     from clipkit.train.trainer import Trainer
 
     trainer = None

@@ -208,6 +208,8 @@ class ModelConfig:
              "local-dir:FOLDER"),
             ("open_clip.lock_image_unlocked_groups", open_clip.lock_image_unlocked_groups >= 0, "must not be negative"),
             ("open_clip.lock_text_unlocked_layers", open_clip.lock_text_unlocked_layers >= 0, "must not be negative"),
+            ("open_clip.pretrained", not (open_clip.name.startswith("local-dir:") and open_clip.pretrained),
+             "must be left out with a local-dir: folder, which holds its own weights"),
             ("modalities", sorted(self.modalities) == ["image", "text"],
              f"must be [image, text] with open_clip (its two towers), got {list(self.modalities)}"),
         )

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkit.train.distributed import gather_with_grad, rank_and_world, ring_shift
+from clipkit.distributed import gather_with_grad, rank_and_world, ring_shift
 
 
 class InfoNCELoss(nn.Module):

@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipkit.checkpoint_file import load_checkpoint
 from clipkit.config import ConfigError, ModelConfig
 from clipkit.fingerprint import weights_fingerprint
-from clipkit.interop.openclip_towers import open_clip_parts
+from clipkit.openclip.factory import architecture_config
+from clipkit.openclip.towers import open_clip_parts
 from clipkit.modalities import FieldDecoder, get_modality
-from clipkit.modalities.openclip import preprocess_config, tokenizer_of
+from clipkit.modalities.openclip import open_clip_tokenize, preprocess_config
 from clipkit.modalities.text import tokenize
 
 # model.open_clip keys that say which weights train, not how the model embeds.
@@ -88,8 +90,6 @@ class ContrastiveModel(nn.Module):
     def _init_tower(self, name: str, checkpoint: str) -> None:
         """Copy tower ``name`` from a clipkit checkpoint; a video tower takes an image tower's weights
         as its frame encoder when the checkpoint has no video tower."""
-        from clipkit.train.checkpoint import load_checkpoint  # checkpoint.py imports this module
-
         if name not in self.towers:
             raise ValueError(f"model.init_towers names {name!r}, which is not one of model.modalities")
         weights = load_checkpoint(checkpoint)["model"]
@@ -143,7 +143,7 @@ class ContrastiveModel(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Strings → (N, context_length) token ids for :meth:`encode_text`, on the model's device."""
         if self.config.open_clip is not None:
-            tokens = tokenizer_of(self.config.open_clip.name)(list(texts))
+            tokens = open_clip_tokenize(self.config.open_clip.name, texts)
         else:
             tokens = tokenize(texts, self.config.text.context_length)
         return tokens.to(self.logit_scale.device)
@@ -170,7 +170,10 @@ class ContrastiveModel(nn.Module):
                 for key in ("pretrained", "pretrained_file", "lock", *OPEN_CLIP_LOCK_KEYS):
                     section.pop(key, None)
         if self.config.open_clip is not None:
-            config["open_clip"]["preprocess"] = dataclasses.asdict(preprocess_config(self.config.open_clip))
+            # A zoo tag may switch the architecture to QuickGELU: the same weights then embed otherwise.
+            open_clip = self.config.open_clip
+            config["open_clip"]["architecture"] = architecture_config(open_clip.name, open_clip.pretrained)
+            config["open_clip"]["preprocess"] = dataclasses.asdict(preprocess_config(open_clip))
         return config
 
     @torch.no_grad()

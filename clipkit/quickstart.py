@@ -84,7 +84,8 @@ def run_quickstart(
                               num_samples=len(features), num_classes=len(toy.classnames))
     print(f"[3/4] zero-shot classification of {zeroshot.num_samples} held-out {modality} samples over "
           f"{zeroshot.num_classes} classes ({len(toy.templates)} prompt templates each):")
-    print(f"      top-1 {zeroshot.top1:.1%}   top-5 {zeroshot.top5:.1%}   chance {zeroshot.chance:.1%}   "
+    top5 = f"{zeroshot.top5:.1%}" if zeroshot.top5 is not None else "n/a"
+    print(f"      top-1 {zeroshot.top1:.1%}   top-5 {top5}   chance {zeroshot.chance:.1%}   "
           f"(evaluation during training took {trained.eval_seconds:.0f} s, "
           f"{trained.eval_seconds / trained.seconds:.1%} of it)")
 

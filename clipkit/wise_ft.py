@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from clipkit.config import ExperimentConfig
-from clipkit.interop.openclip_factory import LOCAL_DIR_PREFIX
+from clipkit.openclip.factory import LOCAL_DIR_PREFIX
 from clipkit.model import create_model
 from clipkit.train.checkpoint import load_checkpoint, load_model, save_checkpoint
 
@@ -55,15 +55,17 @@ def original_weights(config: ExperimentConfig, original: str) -> dict[str, torch
     open_clip = config.model.open_clip
     source = (dataclasses.replace(open_clip, name=original, pretrained=None) if original.startswith(LOCAL_DIR_PREFIX)
               else dataclasses.replace(open_clip, pretrained=original))
-    return create_model(dataclasses.replace(config.model, open_clip=source)).state_dict()
+    # Without init_towers: the original is the open_clip weights alone, not what a run put over them.
+    return create_model(dataclasses.replace(config.model, open_clip=source, init_towers={})).state_dict()
 
 
 def alpha_name(alpha: float) -> str:
-    return f"wise-ft-alpha-{alpha:.2f}.pt"
+    """The checkpoint file of ``alpha``: every alpha its own name (``repr`` keeps all its digits)."""
+    return f"wise-ft-alpha-{float(alpha)!r}.pt"
 
 
 def write_wise_ft(finetuned: str | Path, original: str, alphas: Sequence[float], out: str | Path) -> list[Path]:
-    """One weights-only checkpoint per α in ``out`` (``wise-ft-alpha-0.50.pt``), with the fine-tuned model's
+    """One weights-only checkpoint per α in ``out`` (``wise-ft-alpha-0.5.pt``), with the fine-tuned model's
     config, so that ``clipkit eval`` / ``embed`` / ``export-open-clip`` take them like any checkpoint."""
     bad = [alpha for alpha in alphas if not 0 <= alpha <= 1]
     if bad or not alphas:

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from clipkit.config import load_config
-from clipkit.train.distributed import all_reduce_mean, shutdown_distributed
+from clipkit.distributed import all_reduce_mean, shutdown_distributed
 from clipkit.train.trainer import Trainer
 
 

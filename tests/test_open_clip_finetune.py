@@ -30,6 +30,7 @@ from clipkit.model import create_model
 from clipkit.cli import main
 from clipkit.train.checkpoint import load_model, save_checkpoint
 from clipkit.train.trainer import Trainer
+from clipkit.wise_ft import alpha_name
 
 TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 ARCHITECTURES = {
@@ -213,6 +214,8 @@ def test_unusable_open_clip_models_fail_with_one_clear_line(open_clip_files):
     ({"open_clip": {"name": "ViT-B-32", "lock_image_unlocked_groups": 2}},
      "model.open_clip.lock_image_unlocked_groups needs model.image.lock: true"),
     ({"open_clip": {}}, "model.open_clip.name must name an open_clip architecture"),
+    ({"open_clip": {"name": "local-dir:exported", "pretrained": "other.safetensors"}},
+     "model.open_clip.pretrained must be left out with a local-dir: folder"),
 ])
 def test_config_refuses_settings_open_clip_overrides(section, message):
     raw = {"model": {"open_clip": {"name": "ViT-B-32"}, **section}}
@@ -369,7 +372,8 @@ def test_wise_ft_interpolates_and_evaluates_each_alpha(open_clip_files, toy_shar
 
     reference, _, tokenizer = open_clip_reference("ck-ft-vit", weights)
     tokens = tokenizer(TEXTS)
-    mixed = {alpha: load_model(tmp_path / "wise" / f"wise-ft-alpha-{alpha:.2f}.pt")[0] for alpha in (0, 0.5, 1)}
+    mixed = {alpha: load_model(tmp_path / "wise" / alpha_name(alpha))[0] for alpha in (0, 0.5, 1)}
+    assert alpha_name(0.501) != alpha_name(0.502)  # every alpha its own file
     with torch.no_grad():
         assert largest_difference(mixed[0].encode_text(tokens), reference.encode_text(tokens, normalize=True)) <= 1e-6
         assert largest_difference(mixed[1].encode_text(tokens), tuned.eval().encode_text(tokens)) == 0

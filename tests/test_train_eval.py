@@ -4,6 +4,7 @@ logged beside the training metrics, the best checkpoint kept, and figures equal 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,51 @@ def test_two_ranks_evaluate_as_one_process(toy_shards, tmp_path):
     assert [r["step"] for r in eval_lines] == [2, 3]
     equal_to_clipkit_eval(eval_lines[-1], run / "checkpoints" / "final.pt", toy_shards)
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["step"] in (2, 3)
+
+
+def test_labels_beyond_the_class_names_stop_the_evaluation(tiny_config, toy_shards, tmp_path):
+    """A classnames.txt shorter than the labels is an error, not a silently wrong accuracy."""
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    for shard in toy_shards.eval_shards:
+        shutil.copy(shard, folder / shard.name)
+    (folder / "classnames.txt").write_text("\n".join(toy_shards.classnames[:10]) + "\n")
+    tiny_config.data.train_shards = toy_shards.shard_pattern("train")
+    tiny_config.data.eval_shards = str(folder)
+    tiny_config.train.max_steps = 1
+    with pytest.raises(DataError, match="labels run from 0 to 23 but .* has 10 class names"):
+        Trainer(tiny_config, progress=False).fit()
+
+
+def test_acc5_is_no_select_metric_below_five_classes(tiny_config, toy_shards, tmp_path):
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    shutil.copy(toy_shards.eval_shards[0], folder / "0.tar")
+    (folder / "classnames.txt").write_text("a\nb\nc\n")
+    from clipkit.train.evaluator import TrainingEvaluator
+    from tests.test_train_parts import ONE_PROCESS
+
+    tiny_config.data.eval_shards = str(folder)
+    evaluator = TrainingEvaluator(tiny_config.data, tiny_config.model, "image", ONE_PROCESS)
+    assert evaluator.metric_names == ["acc1", "mean_per_class_recall"]
+
+
+def test_a_resume_on_other_evaluation_data_starts_a_new_best(tiny_config, toy_shards, tmp_path):
+    tiny_config.data.train_shards = toy_shards.shard_pattern("train")
+    tiny_config.data.eval_shards = toy_shards.shard_pattern("eval")
+    tiny_config.train.max_steps = 2
+    tiny_config.train.eval_every = 2
+    tiny_config.train.save_every = 2
+    Trainer(tiny_config, progress=False).fit()
+
+    tiny_config.train.resume = "latest"
+    tiny_config.train.max_steps = 3
+    assert Trainer(tiny_config, progress=False).best_value is not None  # same metric, same data
+    tiny_config.data.eval_shards = str(toy_shards.eval_shards[0])
+    assert Trainer(tiny_config, progress=False).best_value is None  # another set: its figures are new
+
+
+def test_a_table_handed_to_the_trainer_is_refused(tiny_config, tmp_path):
+    tiny_config.data.train_shards = str(tmp_path / "captions.csv")
+    with pytest.raises(ConfigError, match="is a table, not shards"):
+        Trainer(tiny_config, progress=False)

@@ -26,9 +26,10 @@ class Embedded:
 @torch.no_grad()
 def embed_batches(
     encoder: Encoder, modality: str, batches: Iterable[dict[str, Any]], keep: Sequence[str] = (),
-    *, progress: bool = False,
+    *, progress: bool = False, allow_empty: bool = False,
 ) -> Embedded:
-    """Encode ``batch[modality]`` of every batch; collect the ``keep`` fields alongside."""
+    """Encode ``batch[modality]`` of every batch; collect the ``keep`` fields alongside. Without any
+    decodable sample this raises, unless ``allow_empty`` (then features are (0, 0) and fields empty)."""
     device = encoder_device(encoder)
     features: list[torch.Tensor] = []
     kept: dict[str, list[Any]] = {name: [] for name in keep}
@@ -41,6 +42,8 @@ def embed_batches(
         for name, values in kept.items():
             value = batch[name]
             values.append(value) if isinstance(value, torch.Tensor) else values.extend(value)
+    if not features and allow_empty:
+        return Embedded(torch.empty(0, 0), {name: [] for name in keep}, skipped)
     if not features:
         raise ValueError(f"no decodable {modality} samples in the dataset ({skipped} skipped)")
     fields = {name: torch.cat(v) if v and isinstance(v[0], torch.Tensor) else v for name, v in kept.items()}

@@ -44,7 +44,7 @@ def build_zeroshot_classifier(
 @dataclass(frozen=True)
 class ZeroShotResult:
     top1: float
-    top5: float
+    top5: float | None  # None below 5 classes, as CLIP_benchmark reports it
     mean_per_class_recall: float
     num_samples: int
     num_classes: int

@@ -20,8 +20,8 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from safetensors.torch import save_file
 
 from clipkit.config import ModelConfig
-from clipkit.interop.openclip_factory import architecture_config, preprocess_settings
-from clipkit.interop.openclip_towers import to_open_clip_state
+from clipkit.openclip.factory import architecture_config, preprocess_settings
+from clipkit.openclip.towers import to_open_clip_state
 from clipkit.modalities.openclip import tokenizer_of
 from clipkit.train.checkpoint import load_model
 

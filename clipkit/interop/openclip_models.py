@@ -3,7 +3,7 @@
 Weights come from a local file (``.safetensors``, ``.bin``, ``.pt``; loaded with ``weights_only``),
 from a folder open_clip wrote (``local-dir:``), or from a zoo tag whose file is already in the local
 Hugging Face cache. clipkit never downloads silently: an uncached tag fails at once with the file to
-fetch and where to put it, unless ``allow_download`` is set (:mod:`clipkit.interop.openclip_factory`).
+fetch and where to put it, unless ``allow_download`` is set (:mod:`clipkit.openclip.factory`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from PIL import Image
 from torch import nn
 
 from clipkit.fingerprint import weights_fingerprint
-from clipkit.interop.openclip_factory import LOCAL_DIR_PREFIX, create_open_clip, eval_transform, open_clip_tokenizer
+from clipkit.openclip.factory import LOCAL_DIR_PREFIX, create_open_clip, eval_transform, open_clip_tokenizer
 from clipkit.modalities import FieldDecoder
 from clipkit.modalities.image import IMAGE_EXTENSIONS
+from clipkit.modalities.text import bound_text
 
 OPEN_CLIP_PREFIX = "open_clip:"
 __all__ = ["LOCAL_DIR_PREFIX", "OPEN_CLIP_PREFIX", "OpenClipEncoder", "load_open_clip"]
@@ -69,8 +70,10 @@ class OpenClipEncoder(nn.Module):
         return self.encode("text", tokens, normalize)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Strings → (N, context_length) token ids with the model's own tokenizer, on its device."""
-        return self.tokenizer(list(texts)).to(self.device)
+        """Strings → (N, context_length) token ids with the model's own tokenizer, on its device (each
+        text bounded first, as training's captions are)."""
+        context = self.tokenizer.context_length
+        return self.tokenizer([bound_text(text, context) for text in texts]).to(self.device)
 
     def fingerprint(self) -> str:
         """Weights, the model class, its preprocessing settings and its tokenizer (:mod:`clipkit.fingerprint`)."""

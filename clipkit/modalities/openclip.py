@@ -1,7 +1,7 @@
 """Image and text of an open_clip model (``model.open_clip``): its own preprocessing and tokenizer.
 
 Images leave the workers as uint8 tensors like every clipkit image and are normalised on the device
-by the tower (:class:`~clipkit.interop.openclip_towers.OpenClipImageTower`). Evaluation runs open_clip's
+by the tower (:class:`~clipkit.openclip.towers.OpenClipImageTower`). Evaluation runs open_clip's
 own evaluation transform up to its ``ToTensor`` (resize mode, interpolation, crop or pad, size), so the
 pixels and, after normalisation, the tensors are those of ``open_clip.image_transform``. Training draws
 clipkit's random resized crop (``data.augment``) at the model's size with its interpolation, as
@@ -14,22 +14,21 @@ import functools
 import io
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
-import open_clip
-from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 from torchvision import transforms
 
 from clipkit.config import AugmentConfig, ModelConfig, OpenClipConfig
-from clipkit.interop.openclip_factory import open_clip_tokenizer, preprocess_settings
-from clipkit.interop.openclip_towers import open_clip_parts
+from clipkit.openclip.factory import open_clip_tokenizer, preprocess_settings
+from clipkit.openclip.towers import open_clip_parts
 from clipkit.modalities.base import FieldDecoder, Modality
 from clipkit.modalities.image import IMAGE_EXTENSIONS, ImageDecoder
-from clipkit.modalities.text import TEXT_EXTENSIONS, CaptionDecoder
+from clipkit.modalities.text import TEXT_EXTENSIONS, CaptionDecoder, bound_text
 
 TRAIN_INTERPOLATIONS = ("bicubic", "bilinear")
 
@@ -100,6 +99,13 @@ class OpenClipImageModality(Modality):
 def tokenizer_of(arch: str) -> Callable[[list[str]], torch.Tensor]:
     """The open_clip tokenizer of ``arch``, built once per process (a BPE vocabulary takes a second)."""
     return open_clip_tokenizer(arch)
+
+
+def open_clip_tokenize(arch: str, texts: Sequence[str]) -> torch.Tensor:
+    """Strings → (N, context_length) token ids with ``arch``'s tokenizer, each text bounded first (a
+    one-word megabyte would otherwise keep BPE busy for minutes)."""
+    tokenizer = tokenizer_of(arch)
+    return tokenizer([bound_text(text, tokenizer.context_length) for text in texts])
 
 
 class OpenClipTextModality(Modality):

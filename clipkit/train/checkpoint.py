@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from clipkit import __version__
+from clipkit.checkpoint_file import load_checkpoint
 from clipkit.config import ExperimentConfig, from_dict
 from clipkit.model import ContrastiveModel
 
@@ -42,20 +43,6 @@ def save_checkpoint(path: str | Path, model: ContrastiveModel, config: Experimen
     # A crash mid-write leaves only the .tmp file; the previous checkpoint at `path` stays intact.
     os.replace(tmp, path)
     return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without unpickling code (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable clipkit checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
-        raise ValueError(f"{path} is not a clipkit checkpoint (expected 'model' and 'config' entries)")
-    return payload
 
 
 def load_model(

@@ -28,7 +28,7 @@ from clipkit.eval.templates import resolve_templates
 from clipkit.losses import build_loss
 from clipkit.model import ContrastiveModel
 from clipkit.modalities import FieldDecoder
-from clipkit.train.distributed import DistributedContext
+from clipkit.distributed import DistributedContext
 
 # Metrics where lower is better; every other selectable metric is a rate where higher is.
 LOWER_IS_BETTER = {"val_loss"}
@@ -66,11 +66,11 @@ class TrainingEvaluator:
     captions) is found when the evaluator is built, before the first training step.
     """
 
-    def __init__(self, data: DataConfig, model: ModelConfig, modality: str, dist: DistributedContext) -> None:
+    def __init__(self, data: DataConfig, model_config: ModelConfig, modality: str, dist: DistributedContext) -> None:
         self.modality = modality
         self.batch_size = data.batch_size
         self.dist = dist
-        self.loss_fn = build_loss(model.loss, across_ranks=False)
+        self.loss_fn = build_loss(model_config.loss, across_ranks=False)
         self.zeroshot: _ZeroShotData | None = None
         self.val: DatasetLayout | None = None
         if data.eval_shards:
@@ -88,41 +88,53 @@ class TrainingEvaluator:
 
     @property
     def metric_names(self) -> list[str]:
-        """What :meth:`evaluate` reports (the candidates for ``train.select_metric``)."""
-        names = ["acc1", "acc5", "mean_per_class_recall"] if self.zeroshot else []
+        """What :meth:`evaluate` reports as numbers (the candidates for ``train.select_metric``); no
+        acc5 below 5 classes, where it is None."""
+        names = []
+        if self.zeroshot:
+            names = ["acc1", "acc5", "mean_per_class_recall"] if len(self.zeroshot.classnames) >= 5 else \
+                ["acc1", "mean_per_class_recall"]
         if self.val:
             names += [f"{way}_retrieval_recall@{k}" for way in (self.modality, "text") for k in (1, 5, 10)]
             names.append("val_loss")
         return names
 
     def default_metric(self) -> str:
+        """acc1 with zero-shot data, else recall@1 of text → item retrieval."""
         return "acc1" if self.zeroshot else f"{self.modality}_retrieval_recall@1"
 
     @torch.no_grad()
     def evaluate(self, model: ContrastiveModel) -> dict[str, Any] | None:
         """The metrics of ``model`` (in eval mode) now, on rank 0; None on the other ranks.
 
-        Keys: acc1, acc5 (None below 5 classes), mean_per_class_recall, ``{modality}_retrieval_recall@k`` and ``text_retrieval_recall@k`` for k = 1, 5, 10, val_loss,
-        eval_skipped (undecodable held-out samples) and eval_seconds."""
+        Keys: acc1, acc5 (None below 5 classes), mean_per_class_recall, ``{modality}_retrieval_recall@k``
+        and ``text_retrieval_recall@k`` for k = 1, 5, 10, val_loss, eval_skipped (undecodable held-out
+        samples, summed over both sets) and eval_seconds. Data that cannot be evaluated (no decodable
+        sample, a label beyond the class names) raises on every rank alike, so no rank is left waiting.
+        """
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
         skipped = 0
         decoder = model.eval_decoder(self.modality)
         if self.zeroshot is not None:
             embedded = self._embed(model, decoder, CLASS_LABEL_FIELD, self.zeroshot.layout)
-            if embedded is not None:
-                found, _ = zeroshot_metrics(model, embedded.features, embedded.fields["label"],
-                                            self.zeroshot.classnames, self.zeroshot.templates, self.batch_size)
+            labels, names = embedded.fields["label"], self.zeroshot.classnames
+            if int(labels.min()) < 0 or int(labels.max()) >= len(names):
+                raise DataError(f"data.eval_shards: labels run from {int(labels.min())} to {int(labels.max())} "
+                                f"but {self.zeroshot.layout.spec} has {len(names)} class names")
+            skipped += embedded.num_skipped
+            if self.dist.is_main:
+                found, _ = zeroshot_metrics(model, embedded.features, labels, names, self.zeroshot.templates,
+                                            self.batch_size)
                 found.pop("per_class_recall")
                 metrics.update(found)
-                skipped += embedded.num_skipped
         if self.val is not None:
             embedded = self._embed(model, decoder, CAPTIONS_FIELD, self.val)
-            if embedded is not None:
+            skipped += embedded.num_skipped
+            if self.dist.is_main:
                 captions = embedded.fields["captions"]
                 metrics.update(retrieval_metrics(model, embedded.features, captions, self.modality, self.batch_size))
                 metrics["val_loss"] = self._val_loss(model, embedded.features, [c[0] for c in captions])
-                skipped += embedded.num_skipped
         if not self.dist.is_main:
             return None
         metrics["eval_skipped"] = skipped
@@ -130,31 +142,28 @@ class TrainingEvaluator:
         return metrics
 
     def _embed(self, model: ContrastiveModel, decoder: FieldDecoder, labels: FieldDecoder,
-               layout: DatasetLayout) -> Embedded | None:
-        """Every sample of ``layout``'s shards, embedded (on rank 0, gathered from all ranks, in shard order)."""
+               layout: DatasetLayout) -> Embedded:
+        """Every sample of ``layout``'s shards, embedded (N, D) in shard order, with ``labels``' field:
+        each rank embeds its block, and every rank gets all blocks back (so every rank can check them)."""
         share = _block(layout.shards, self.dist.rank, self.dist.world_size)
         batches = shard_batches(share, [decoder, labels], self.batch_size, num_workers=0) if share else []
-        try:
-            mine = embed_batches(model, self.modality, batches, keep=[labels.name])
-        except ValueError:  # no decodable sample in this rank's shards; its skipped count is in the warnings
-            mine = None
-        parts = [mine]
+        parts = [embed_batches(model, self.modality, batches, keep=[labels.name], allow_empty=True)]
         if self.dist.is_distributed:
-            parts = [None] * self.dist.world_size
+            mine, parts = parts[0], [None] * self.dist.world_size
             torch.distributed.all_gather_object(parts, mine)
-        if not self.dist.is_main:
-            return None
-        found = [part for part in parts if part is not None and len(part.features)]
+        skipped = sum(part.num_skipped for part in parts)
+        found = [part for part in parts if len(part.features)]
         if not found:
-            raise DataError(f"no decodable sample in the evaluation shards {layout.spec} (see the warnings above)")
+            raise DataError(f"no decodable sample in the evaluation shards {layout.spec} ({skipped} skipped; "
+                            "the warnings above say why)")
         values = [part.fields[labels.name] for part in found]
         kept = torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for vs in values for v in vs]
-        return Embedded(torch.cat([part.features for part in found]), {labels.name: kept},
-                        sum(part.num_skipped for part in parts if part is not None))
+        return Embedded(torch.cat([part.features for part in found]), {labels.name: kept}, skipped)
 
     def _val_loss(self, model: ContrastiveModel, features: torch.Tensor, captions: list[str]) -> float:
-        """The training loss over the validation pairs in consecutive batches of ``data.batch_size``
-        (each item with its first caption), weighted by batch size."""
+        """The training loss over the validation pairs: item features (N, D) against the embeddings of
+        their first captions (N strings), in consecutive batches of ``data.batch_size``, weighted by
+        batch size."""
         device = model.logit_scale.device
         scale, bias = model.logit_scale.exp(), model.logit_bias
         total = 0.0
@@ -185,6 +194,7 @@ def build_evaluator(data: DataConfig, model: ModelConfig, dist: DistributedConte
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (anything beats None)."""
     if best is None:
         return True
     return value < best if metric in LOWER_IS_BETTER else value > best

@@ -23,7 +23,7 @@ from timm.models._manipulate import group_with_matcher  # in its __all__; timm.m
 from torch import nn
 
 from clipkit.config import ConfigError
-from clipkit.interop.openclip_towers import ClipTextTower, CustomTextTower, OpenClipImageTower
+from clipkit.openclip.towers import ClipTextTower, CustomTextTower, OpenClipImageTower
 from clipkit.modalities.audio import AudioTower
 from clipkit.modalities.image import ImageTower
 from clipkit.modalities.video import VideoTower

@@ -26,7 +26,10 @@ def build_optimizer(model: ContrastiveModel, config: TrainConfig) -> torch.optim
     of their own, at ``lr × layer_decay ** depth`` (:mod:`clipkit.train.layer_decay`). The scale is put
     into each group's ``lr``: the schedule multiplies every group's initial rate.
     """
-    scales = layer_lr_scales(model.towers, config.layer_decay) if config.layer_decay is not None else {}
+    # A fully locked tower trains nothing: it needs no layer order (and may have none known).
+    trained = nn.ModuleDict({name: tower for name, tower in model.towers.items()
+                             if any(p.requires_grad for p in tower.parameters())})
+    scales = layer_lr_scales(trained, config.layer_decay) if config.layer_decay is not None else {}
     # Keyed (scale, decays); the two full-rate groups always exist, as checkpoints expect them.
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, param in model.named_parameters():

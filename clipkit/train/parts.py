@@ -26,7 +26,7 @@ from clipkit.losses import build_loss
 from clipkit.modalities import get_modality
 from clipkit.model import ContrastiveModel, create_model
 from clipkit.train.checkpoint import Checkpointer
-from clipkit.train.distributed import DistributedContext
+from clipkit.distributed import DistributedContext
 from clipkit.train.evaluator import TrainingEvaluator, build_evaluator
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler

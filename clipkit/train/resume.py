@@ -16,7 +16,7 @@ CHANGEABLE = {
     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last", "train.log_every", "train.resume",
     "train.output_dir", "train.device", "train.compile", "train.grad_checkpointing", "train.channels_last",
     "data.num_workers", "data.worker_start_method", "data.max_skip_fraction", "data.eval_shards",
-    "data.train_shards",
+    "data.train_shards", "data.val_shards", "data.table_columns", "train.eval_every", "train.select_metric",
 }
 
 

@@ -26,10 +26,11 @@ from tqdm import tqdm
 from clipkit.config import ConfigError, ExperimentConfig, save_config
 from clipkit.data.pipeline import ShardStream, SkipRateGuard
 from clipkit.data.shards import count_samples
+from clipkit.data.table_shards import is_table
 from clipkit.errors import DataError
 from clipkit.model import ContrastiveModel
 from clipkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from clipkit.train.distributed import DistributedContext, all_reduce_mean, init_distributed
+from clipkit.distributed import DistributedContext, all_reduce_mean, init_distributed
 from clipkit.train.evaluator import describe, is_better
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.parts import TrainSpec
@@ -147,6 +148,11 @@ class Trainer:
     def __init__(self, config: ExperimentConfig, *, progress: bool = True, spec: TrainSpec = TrainSpec()) -> None:
         if not config.data.train_shards:
             raise ValueError("data.train_shards is empty: point it at webdataset shards")
+        tables = [part for spec in (config.data.train_shards, config.data.val_shards)
+                  for part in spec.split("::") if is_table(part)]
+        if tables:
+            raise ConfigError(f"{tables[0]} is a table, not shards: `clipkit train` converts it, or convert it "
+                              "first with clipkit.data.table_shards.shards_for_tables(config.data)")
         output = Path(config.train.output_dir)
         if output.exists() and not output.is_dir():
             raise ConfigError(f"train.output_dir {output} is a file, not a folder: choose another train.output_dir")
@@ -207,7 +213,7 @@ class Trainer:
             "batches_in_epoch": self.batches_in_epoch,
             "rng": rng_state(),
             "world_size": self.dist.world_size,
-            "best_value": self.best_value,
+            "best": {"value": self.best_value, "of": self._best_of()},
         }
 
     def resume(self, path: Path) -> None:
@@ -229,7 +235,9 @@ class Trainer:
         self.samples_seen = payload["samples_seen"]
         self.epoch = payload["epoch"]
         self.batches_in_epoch = payload["batches_in_epoch"]
-        self.best_value = payload.get("best_value")
+        # The best so far counts only if it measured the same metric on the same data as this run does.
+        best = payload.get("best") or {}
+        self.best_value = best.get("value") if best.get("of") == self._best_of() else None
         set_rng_state(payload["rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
@@ -262,6 +270,10 @@ class Trainer:
         except DataError as err:
             raise ConfigError(f"train.eval_every: epoch needs the length of an epoch ({err}); "
                               "or give train.eval_every in steps") from None
+
+    def _best_of(self) -> list[str | None]:
+        """What ``best_value`` measures: the metric and the evaluation data."""
+        return [self.select_metric, self.config.data.eval_shards, self.config.data.val_shards]
 
     def _select_metric(self) -> str | None:
         name = self.config.train.select_metric
@@ -459,7 +471,9 @@ class Trainer:
                         metrics.log(self.step, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
                     window = _Window(time.perf_counter())
-                if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total_steps:
+                # Evaluated before the step's checkpoint, which then holds the best value so far.
+                due = self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0)
+                if self.evaluator is not None and due:
                     evaluation = self.evaluate(metrics)
                     window.start += self.last_eval_seconds  # the window's throughput counts training only
                 if config.train.save_every and self.step % config.train.save_every == 0:
@@ -467,8 +481,6 @@ class Trainer:
                 if stop.should_stop(self.dist):
                     interrupted = True
                     break
-            if self.evaluator is not None and not interrupted:
-                evaluation = self.evaluate(metrics)
         account = self.account
         if account.skipped:
             per_shard = ", ".join(f"{url}: {count}" for url, count in account.by_shard.most_common())

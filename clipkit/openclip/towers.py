@@ -18,7 +18,7 @@ from open_clip.transformer import lock_text_tower
 from torch import nn
 
 from clipkit.config import OpenClipConfig
-from clipkit.interop.openclip_factory import architecture_config, create_open_clip
+from clipkit.openclip.factory import architecture_config, create_open_clip
 
 TOWER_PREFIXES = ("towers.image.", "towers.text.")
 

@@ -4,7 +4,7 @@ the local Hugging Face cache.
 
 An uncached tag fails at once naming the file to fetch and where to put it, unless ``allow_download``
 is set. Evaluation (:mod:`clipkit.interop.openclip_models`) and fine-tuning
-(:mod:`clipkit.interop.openclip_towers`) both build their models here.
+(:mod:`clipkit.openclip.towers`) both build their models here.
 """
 
 from __future__ import annotations
