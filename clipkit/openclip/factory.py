@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
 import pickle
 from pathlib import Path
 from typing import Any, Callable
@@ -97,15 +98,17 @@ def create_open_clip(arch: str, pretrained: str | None, device: str | torch.devi
     (a tag's QuickGELU and preprocessing included) with random weights and no file read: the way to
     rebuild a model whose weights come from elsewhere (a clipkit checkpoint).
     """
+    if not load_weights:
+        # open_clip warns "initialized randomly" for every build without weights: here that is the point.
+        logging.disable(logging.WARNING)
+        try:
+            return _architecture_only(arch, pretrained, device)
+        finally:
+            logging.disable(logging.NOTSET)
     if arch.startswith(LOCAL_DIR_PREFIX):
-        arch = _expand_local_dir(arch)
-        return open_clip.create_model(arch, device=device, load_weights=load_weights, pretrained_text=load_weights)
+        return open_clip.create_model(_expand_local_dir(arch), device=device)
     if open_clip.get_model_config(arch) is None:
         raise _unknown_architecture(arch)
-    if not load_weights:  # a tag fixes QuickGELU and preprocessing; a weights file (gone or not) fixes nothing
-        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
-        return open_clip.create_model(arch, device=device, pretrained_text=False,
-                                      **(_tag_settings(tag_cfg) if tag_cfg else {}))
     if pretrained is None:
         return open_clip.create_model(arch, device=device)
     if Path(pretrained).expanduser().is_file():
@@ -125,6 +128,19 @@ def create_open_clip(arch: str, pretrained: str | None, device: str | torch.devi
         return open_clip.create_model(arch, pretrained=pretrained, device=device)
     # Load the cached file directly (no hub round trip), with the settings the tag was trained with.
     return open_clip.create_model(arch, pretrained=cached, device=device, **_tag_settings(pretrained_cfg))
+
+
+def _architecture_only(arch: str, pretrained: str | None, device: str | torch.device) -> nn.Module:
+    """``arch`` with random weights, built as ``pretrained`` would need it: a tag fixes QuickGELU and
+    preprocessing; a weights file (gone or not) fixes nothing."""
+    if arch.startswith(LOCAL_DIR_PREFIX):
+        return open_clip.create_model(_expand_local_dir(arch), device=device, load_weights=False,
+                                      pretrained_text=False)
+    if open_clip.get_model_config(arch) is None:
+        raise _unknown_architecture(arch)
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
+    return open_clip.create_model(arch, device=device, pretrained_text=False,
+                                  **(_tag_settings(tag_cfg) if tag_cfg else {}))
 
 
 def eval_transform(model: nn.Module) -> Callable:
