@@ -30,8 +30,7 @@ SETTINGS = {
 }
 
 WORKER = r"""
-import json, sys, time, tempfile
-from pathlib import Path
+import json, sys, tempfile, time
 import clipkit  # sets clipkit's OpenMP wait policy before torch loads
 import torch
 from clipkit.cli import resolve_config_path
@@ -53,7 +52,9 @@ with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step([next(batches)])
-    print(json.dumps({"steps_per_s": steps / (time.perf_counter() - start), "threads": torch.get_num_threads()}))
+    rate = steps / (time.perf_counter() - start)
+    batches.close()  # shuts the data loader's worker down before the interpreter exits
+    print(json.dumps({"steps_per_s": rate, "threads": torch.get_num_threads()}))
 """
 
 

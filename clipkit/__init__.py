@@ -3,9 +3,9 @@
 import os
 
 # GNU OpenMP (torch's CPU thread pool) lets idle threads spin between parallel regions. Beside other
-# work on the same cores, the spinning threads burn the time slices the busy ones need, and a training
-# step slowed many times more than the share of cores it lost (see benchmarks/cpu_contention.py).
-# Sleeping threads cost nothing alone and degrade in proportion. Read when torch loads, so set here,
+# work on the same cores the spinning threads burn the time slices the busy ones need: with two
+# spinning jobs on 2 cores the quickstart's step slowed 3.8× (a fair share: 2×); with sleeping threads
+# 1.9×, at 10% less speed alone (benchmarks/cpu_contention.py). Read when torch loads, so set here,
 # before any clipkit module imports it; an explicit OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
