@@ -25,8 +25,9 @@ def test_quickstart_config_values():
     config = load_config(REPO / "configs" / "toy-image-text.yaml")
     assert config.model.modalities == ("image", "text")
     assert config.model.image.image_size == 64
-    assert config.data.augment.crop_scale == (0.85, 1.0)
-    assert config.train.lr == pytest.approx(2e-3)
+    assert config.data.augment.crop_scale == (1.0, 1.0)
+    assert config.train.lr == pytest.approx(4e-3) and config.model.init_logit_scale == 30.0
+    assert config.train.eval_every == "epoch" and config.data.eval_shards
 
 
 def test_defaults_fill_missing_keys(tmp_path):
