@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipkit.train.checkpoint import load_checkpoint
 from clipkit.distributed import DistributedContext
+from clipkit.train.checkpoint import load_checkpoint
 from clipkit.train.parts import TrainSpec, build_training_data, build_training_loss, build_training_model
 from clipkit.train.trainer import Trainer
 

@@ -3,8 +3,9 @@ contrastive loss on ``data.val_shards``.
 
 The metrics are computed by the same functions as ``clipkit eval zeroshot`` / ``clipkit eval retrieval``
 and on the same decoding, so the figures logged at a step equal a later ``clipkit eval`` of that step's
-checkpoint. In a torchrun job each rank embeds a contiguous block of the shards; rank 0 gathers the
-blocks in rank order, which is the shards' own order, and computes the metrics.
+checkpoint. In a torchrun job each rank embeds a contiguous block of the shards and every rank gathers
+the blocks in rank order, which is the shards' own order: every rank checks them (so bad data stops all
+ranks alike), rank 0 computes the metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed
 from clipkit.config import DataConfig, ModelConfig
 from clipkit.data.classes import read_lines
 from clipkit.data.pipeline import CLASS_LABEL_FIELD
+from clipkit.distributed import DistributedContext
 from clipkit.errors import DataError
 from clipkit.eval.benchmark import retrieval_metrics, zeroshot_metrics
 from clipkit.eval.datasets import ADD_CLASS_LABELS, CAPTIONS_FIELD, check_members, shard_batches
@@ -28,7 +30,6 @@ from clipkit.eval.templates import resolve_templates
 from clipkit.losses import build_loss
 from clipkit.model import ContrastiveModel
 from clipkit.modalities import FieldDecoder
-from clipkit.distributed import DistributedContext
 
 # Metrics where lower is better; every other selectable metric is a rate where higher is.
 LOWER_IS_BETTER = {"val_loss"}

@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 from clipkit.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from clipkit.data.pipeline import ShardStream, build_loader, training_stream
 from clipkit.data.shards import MissingShards, drop_missing_shards, expand_shards, shard_sources
+from clipkit.distributed import DistributedContext
 from clipkit.losses import build_loss
 from clipkit.modalities import get_modality
 from clipkit.model import ContrastiveModel, create_model
 from clipkit.train.checkpoint import Checkpointer
-from clipkit.distributed import DistributedContext
 from clipkit.train.evaluator import TrainingEvaluator, build_evaluator
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler

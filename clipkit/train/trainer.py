@@ -27,10 +27,10 @@ from clipkit.config import ConfigError, ExperimentConfig, save_config
 from clipkit.data.pipeline import ShardStream, SkipRateGuard
 from clipkit.data.shards import count_samples
 from clipkit.data.table_shards import is_table
+from clipkit.distributed import DistributedContext, all_reduce_mean, init_distributed
 from clipkit.errors import DataError
 from clipkit.model import ContrastiveModel
 from clipkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from clipkit.distributed import DistributedContext, all_reduce_mean, init_distributed
 from clipkit.train.evaluator import describe, is_better
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.parts import TrainSpec
