@@ -45,6 +45,7 @@ def main() -> None:
         config.data.train_shards = toy.shard_pattern("train")
         config.train.output_dir = str(Path(tmp) / "run")
         config.train.max_steps = args.steps
+        config.data.eval_shards, config.train.eval_every = "", None  # the training step alone
         fields = [get_modality(m, config.model, config.data.augment).field(train=True) for m in config.model.modalities]
         stream = ShardStream(expand_shards(config.data.train_shards), fields, config.data.batch_size,
                              train=True, shuffle_size=config.data.shuffle_buffer)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from clipkit.config import ExperimentConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
 
@@ -55,3 +61,25 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(previous)
+
+
+def train_until_sigterm(config: ExperimentConfig, config_path: Path, *, whole_group: bool = False):
+    """Start `python -m clipkit.train` on ``config`` (written to ``config_path``), send SIGTERM once two
+    steps are logged (to the main process, or with ``whole_group`` to it and its data workers, as
+    Slurm does on preemption), and return (returncode, stdout, stderr, checkpointed step)."""
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    process = subprocess.Popen([sys.executable, "-m", "clipkit.train", "--config", str(config_path)],
+                               cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=whole_group)
+    metrics = Path(config.train.output_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    if whole_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    latest = Path(config.train.output_dir) / "checkpoints" / "latest.json"
+    step = json.loads(latest.read_text())["step"] if latest.is_file() else None
+    return process.returncode, stdout, stderr, step

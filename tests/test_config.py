@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,18 @@ def test_quickstart_config_values():
     assert config.model.image.image_size == 64
     assert config.data.augment.crop_scale == (1.0, 1.0)
     assert config.train.lr == pytest.approx(4e-3) and config.model.init_logit_scale == 30.0
-    assert config.train.eval_every == "epoch" and config.data.eval_shards
+    assert config.model.image.timm_name == "test_resnet" and config.train.max_steps == 270
+    assert config.train.eval_every == 90 and config.data.eval_shards
+
+
+def test_binding_config_builds_the_towers_the_quickstart_checkpoint_holds():
+    """configs/toy-image-audio.yaml loads its image and text towers from the quickstart's checkpoint."""
+    quickstart = load_config(REPO / "configs" / "toy-image-text.yaml").model
+    binding = load_config(REPO / "configs" / "toy-image-audio.yaml").model
+    assert set(binding.init_towers) == {"image", "text"}
+    assert dataclasses.replace(binding.image, lock=False) == quickstart.image
+    assert dataclasses.replace(binding.text, lock=False) == quickstart.text
+    assert binding.embed_dim == quickstart.embed_dim
 
 
 def test_defaults_fill_missing_keys(tmp_path):

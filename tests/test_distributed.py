@@ -66,6 +66,25 @@ def single_process_step(config: ExperimentConfig, batch: dict[str, torch.Tensor]
     return run_step(Trainer(config, progress=False), batch)
 
 
+def two_rank_step(config: ExperimentConfig, batch: dict[str, torch.Tensor], tmp_path: Path) -> dict:
+    """One trainer step of ``batch`` split over two torchrun ranks: {"loss": float, "grads": {name: tensor}}."""
+    config_path, batch_path, out_path = tmp_path / "c.yaml", tmp_path / "batch.pt", tmp_path / "out.pt"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    torch.save(batch, batch_path)
+    done = torchrun(2, "tests/distributed_step.py", str(config_path), str(batch_path), str(out_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out_path, weights_only=True)
+
+
+def assert_same_step(distributed: dict, loss: float, grads: dict[str, torch.Tensor]) -> None:
+    """The two ranks' loss and every gradient equal one process's, to float32 reduction order."""
+    assert distributed["loss"] == pytest.approx(loss, abs=1e-5)
+    assert set(distributed["grads"]) == set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(distributed["grads"][name], grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -80,22 +99,11 @@ def single_process_step(config: ExperimentConfig, batch: dict[str, torch.Tensor]
 def test_two_ranks_equal_one_process(toy_shards, tmp_path, options):
     config = exact_config(toy_shards, tmp_path, **options)
     batch = fixed_batch(config)
-    config_path, batch_path, out_path = tmp_path / "c.yaml", tmp_path / "batch.pt", tmp_path / "out.pt"
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
-    torch.save(batch, batch_path)
-
-    done = torchrun(2, "tests/distributed_step.py", str(config_path), str(batch_path), str(out_path))
-    assert done.returncode == 0, done.stderr[-3000:]
-    distributed = torch.load(out_path, weights_only=True)
-
+    distributed = two_rank_step(config, batch, tmp_path)
     # The single-process reference never accumulates: one step on the whole batch.
     reference_config = exact_config(toy_shards, tmp_path, **{**options, "accum_freq": 1, "local_loss": False})
     loss, grads = single_process_step(reference_config, batch)
-    assert distributed["loss"] == pytest.approx(loss, abs=1e-5)
-    assert set(distributed["grads"]) == set(grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(distributed["grads"][name], grad, atol=1e-5, rtol=1e-4,
-                                   msg=lambda message, name=name: f"{name}: {message}")
+    assert_same_step(distributed, loss, grads)
     assert grads["logit_scale"].abs() > 0
 
 

@@ -31,6 +31,9 @@ from clipkit.cli import main
 from clipkit.train.checkpoint import load_model, save_checkpoint
 from clipkit.train.trainer import Trainer
 from clipkit.wise_ft import alpha_name
+from tests.conftest import train_until_sigterm
+from tests.distributed_step import run_step
+from tests.test_distributed import assert_same_step, two_rank_step
 
 TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 ARCHITECTURES = {
@@ -106,7 +109,9 @@ def open_clip_files(tmp_path_factory) -> dict[str, Path]:
             if model.logit_bias is not None:
                 model.logit_bias.fill_(CHECKPOINT_BIAS)
         folder = root / name
-        save_for_hf(model, _BundledVocabulary(), configs[name], folder)
+        # The SigLIP folder carries its tokenizer's files, as a hub folder does (local-dir: reads them).
+        tokenizer = open_clip.get_tokenizer(name) if name == "ck-ft-sig" else _BundledVocabulary()
+        save_for_hf(model, tokenizer, configs[name], folder)
         files[name] = folder / "open_clip_model.safetensors"
     return files
 
@@ -384,3 +389,68 @@ def test_wise_ft_interpolates_and_evaluates_each_alpha(open_clip_files, toy_shar
     other = open_clip_files["ck-ft-rn"]
     assert main([*argv[:2], str(other), *argv[3:]]) == 1  # an original of another architecture
     assert "does not fit open_clip model ck-ft-vit" in capsys.readouterr().err
+
+
+def local_dir_config(open_clip_files, name: str, toy_shards, output: Path, **train: object) -> ExperimentConfig:
+    """Fine-tuning from the saved open_clip folder (``local-dir:``), which a torchrun worker can read
+    without this file's architecture registration."""
+    loss = train.pop("loss", "infonce")
+    config = ExperimentConfig(model=ModelConfig(open_clip=OpenClipConfig(name=f"local-dir:{open_clip_files[name].parent}"),
+                                                loss=loss))
+    config.data.train_shards = toy_shards.shard_pattern("train")
+    config.data.batch_size, config.data.num_workers = 4, 0
+    config.train.device, config.train.output_dir = "cpu", str(output)
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def open_clip_batch(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """8 random 32-px images and 8 captions tokenized by the model's own tokenizer."""
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    captions = [f"a {colour} {shape}" for colour in ("red", "blue", "green", "two") for shape in ("circle", "square")]
+    return {"image": images, "text": trainer.model.tokenize(captions)}
+
+
+@pytest.mark.parametrize("name, train", [
+    ("ck-ft-vit", {"loss": "infonce", "accum_freq": 2}),
+    ("ck-ft-sig", {"loss": "siglip"}),
+], ids=["vit-infonce-accum2", "siglip"])
+def test_open_clip_towers_on_two_ranks_equal_one_process(open_clip_files, toy_shards, tmp_path, name, train):
+    """Real torchrun, gloo: two ranks with half the batch each give one process's loss and gradients."""
+    reference = Trainer(local_dir_config(open_clip_files, name, toy_shards, tmp_path / "one",
+                                         loss=train["loss"]), progress=False)
+    batch = open_clip_batch(reference)
+    loss, grads = run_step(reference, batch)
+    reference.close()
+    config = local_dir_config(open_clip_files, name, toy_shards, tmp_path / "two", **train)
+    config.data.batch_size = 2
+    assert_same_step(two_rank_step(config, batch, tmp_path), loss, grads)
+
+
+def test_open_clip_towers_train_in_bf16(open_clip_files, toy_shards, tmp_path):
+    """bf16 autocast reaches open_clip's modules: the loss moves off fp32's by bf16's rounding, no more."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(local_dir_config(open_clip_files, "ck-ft-vit", toy_shards, tmp_path / precision,
+                                           precision=precision), progress=False)
+        losses[precision], grads = run_step(trainer, open_clip_batch(trainer))
+        assert all(torch.isfinite(grad).all() for grad in grads.values())
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
+        trainer.close()
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+
+
+def test_open_clip_fine_tune_stops_on_sigterm_and_resumes(open_clip_files, toy_shards, tmp_path):
+    config = local_dir_config(open_clip_files, "ck-ft-vit", toy_shards, tmp_path / "run",
+                              max_steps=100_000, log_every=1)
+    path = tmp_path / "long.yaml"
+    returncode, stdout, stderr, step = train_until_sigterm(config, path)
+    assert returncode == 0, stderr
+    assert "stopped by signal after" in stdout and step >= 2
+    resumed_config = local_dir_config(open_clip_files, "ck-ft-vit", toy_shards, tmp_path / "run",
+                                      max_steps=step + 1, resume="latest")
+    resumed = Trainer(resumed_config, progress=False)
+    assert resumed.step == step
+    assert resumed.fit().steps == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def test_quickstart_learns_the_toy_world(tmp_path: Path, capsys: pytest.CaptureF
 
     assert result.zeroshot.num_classes >= 20 and result.zeroshot.chance <= 0.05
     assert result.zeroshot.num_samples == 2_400
-    assert result.zeroshot.top1 >= 0.5, result.zeroshot
+    assert result.zeroshot.top1 >= 0.9, result.zeroshot  # in 270 steps, a third of the old 1496 steps' FLOPs
     red_circles = result.queries[QUERIES[0]]
     assert len(red_circles) == 5
     assert red_circles[0].metadata["class_name"] == "red circle"
@@ -37,6 +38,10 @@ def test_quickstart_learns_the_toy_world(tmp_path: Path, capsys: pytest.CaptureF
 
     printed = capsys.readouterr().out
     assert f"top-1 {result.zeroshot.top1:.1%}" in printed and "chance 4.2%" in printed
+    curve = re.findall(r"eval after step (\d+): top-1 ([\d.]+)%", printed)
+    assert [int(step) for step, _ in curve] == [90, 180, 270] and float(curve[-1][1]) >= 90
+    cost = float(re.search(r"evaluations during training took \d+ s, ([\d.]+)% of it", printed).group(1))
+    assert cost < 5.0, printed
 
 
 def test_quickstart_command_rejects_a_bad_override(tmp_path: Path) -> None:

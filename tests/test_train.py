@@ -2,12 +2,9 @@ import dataclasses
 import io
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from clipkit.errors import DataError
 from clipkit.train.checkpoint import load_model
 from clipkit.train.optim import build_optimizer, lr_multiplier
 from clipkit.train.trainer import Trainer
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_model_config, train_until_sigterm
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -230,19 +227,10 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_config, toy_shards, t
     config.train.max_steps = 100_000
     config.train.log_every = 1
     path = tmp_path / "long.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict()))
-    process = subprocess.Popen([sys.executable, "-m", "clipkit.train", "--config", str(path)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = Path(config.train.output_dir) / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
+    returncode, stdout, stderr, step = train_until_sigterm(config, path)
+    assert returncode == 0, stderr
     assert "stopped by signal after" in stdout and "--resume latest" in stderr
     checkpoints = Path(config.train.output_dir) / "checkpoints"
-    step = json.loads((checkpoints / "latest.json").read_text())["step"]
     assert 2 <= step < 100_000 and not (checkpoints / "final.pt").exists()
 
     command = [sys.executable, "-m", "clipkit.train", "--config", str(path), "--resume", "latest",
@@ -250,29 +238,19 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_config, toy_shards, t
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "trained 2 steps" in done.stdout and (checkpoints / "final.pt").is_file()
+    metrics = Path(config.train.output_dir) / "metrics.jsonl"
     steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps_logged[-2:] == [step + 1, step + 2]  # the resumed run appends to the same log
 
 
 def test_sigterm_to_every_process_of_the_job_saves_and_exits_cleanly(tiny_config, toy_shards, tmp_path):
-    # What Slurm and most launchers do on preemption: SIGTERM to the main process and its data workers.
     config = with_toy(tiny_config, toy_shards)
     config.train.max_steps = 100_000
     config.train.log_every = 1
     config.data.num_workers = 2
-    path = tmp_path / "long.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict()))
-    process = subprocess.Popen([sys.executable, "-m", "clipkit.train", "--config", str(path)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = Path(config.train.output_dir) / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGTERM)  # the whole process group: main process and workers
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
+    returncode, stdout, stderr, step = train_until_sigterm(config, tmp_path / "long.yaml", whole_group=True)
+    assert returncode == 0, stderr
     assert "stopped by signal after" in stdout and "killed by signal" not in stderr
-    step = json.loads((Path(config.train.output_dir) / "checkpoints" / "latest.json").read_text())["step"]
     assert step >= 2
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -97,6 +100,28 @@ def test_edited_table_or_columns_rebuild(tmp_path):
     assert (edited.converted, edited.num_rows, edited.num_samples, edited.skipped) == (True, 4, 4, {})
     assert sorted(shard_mtimes(table)) == [f"shard-{i:06d}.tar" for i in range(4)]  # stale shards are gone
     assert table_shards(table, {"caption": "title"}, progress=False).converted  # other settings: a new key
+
+
+def test_an_image_replaced_or_added_under_the_same_path_rebuilds(tmp_path):
+    """The shards hold copies of the images: an image file that changes, or appears, must not be
+    trained on from the stale copy."""
+    names = write_images(tmp_path)
+    table = write_csv(tmp_path / "t.csv", with_bad_rows(names))
+    first = table_shards(table, {}, progress=False)
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(buffer, format="JPEG")
+    (tmp_path / names[1]).write_bytes(buffer.getvalue())
+    replaced = table_shards(table, {}, progress=False)
+    assert replaced.converted and replaced.num_samples == first.num_samples
+    members = []
+    for shard in sorted(cache_dir(table).glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            members += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    assert buffer.getvalue() in members
+    shutil.copy(tmp_path / names[2], tmp_path / "images/missing.jpg")  # the missing row's file appears
+    added = table_shards(table, {}, progress=False)
+    assert added.converted and added.num_samples == first.num_samples + 1
+    assert not table_shards(table, {}, progress=False).converted
 
 
 def test_jsonl_for_train_and_val(tmp_path):

@@ -7,9 +7,9 @@ on the same disk as the data, are shared by every run and node that reads the ta
 edited table replaces its one cached copy instead of adding another. Image paths are relative to
 the table's folder, as for ``clipkit make-shards``.
 
-The cache is keyed by the table's SHA-256 and the column settings: an edited table or other
-columns rebuild it, an unchanged one is reused. An image file changed under the same path is not
-noticed (delete the cache folder to rebuild). One process converts while every other one (each
+The cache is keyed by the table's SHA-256, the column settings and the size and modification time
+of every image file the table names: an edited table, other columns, or an image replaced, added or
+deleted under the same path rebuild it; an unchanged one is reused. One process converts while every other one (each
 rank under torchrun) waits on an ``fcntl.flock`` in the cache folder and then reuses the result;
 the record that marks the cache complete is written last, so no process reads a half-written cache.
 """
@@ -43,7 +43,7 @@ USUAL_COLUMNS = {
     "caption": ("caption", "captions", "title", "text"),
 }
 # Bump when the conversion changes what it writes, so caches made by older code rebuild.
-CACHE_LAYOUT = 1
+CACHE_LAYOUT = 2
 PREFIX = "shard"
 RECORD_FILE = "table.json"  # written last: its presence with the current key marks a complete cache
 LOCK_FILE = ".lock"
@@ -146,7 +146,33 @@ def _cache_key(table: Path, columns: Mapping[str, str]) -> dict[str, object]:
     with table.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"layout": CACHE_LAYOUT, "sha256": digest.hexdigest(), "columns": dict(sorted(columns.items()))}
+    return {"layout": CACHE_LAYOUT, "sha256": digest.hexdigest(), "columns": dict(sorted(columns.items())),
+            "images": _image_files_digest(table, columns)}
+
+
+def _image_files_digest(table: Path, columns: Mapping[str, str]) -> str | None:
+    """SHA-256 over (path, size, mtime) of each image file the table names ("missing" for one that is
+    not there): the shards hold copies of the images, so a file replaced under the same path must
+    rebuild them. None when the table has no rows or no image column (its conversion then fails)."""
+    try:
+        rows = read_rows(table)
+        image_col = _column(table, rows, "image", columns.get("image")) if rows else None
+    except (MakeShardsError, DataError):
+        return None
+    if image_col is None:
+        return None
+    digest = hashlib.sha256()
+    for row in rows:
+        if not row.get(image_col):  # a row without an image names no file (not the table's folder)
+            digest.update(b"\0none\n")
+            continue
+        path = table.parent / str(row[image_col])
+        try:
+            status = path.stat()
+            digest.update(f"{path}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()
 
 
 @contextmanager
