@@ -3,8 +3,10 @@
 >>> index = RetrievalIndex.build(vectors, metadata, kind="auto", memory_budget="4GB")
 >>> index.save("my_index/"); index = RetrievalIndex.load("my_index/", mmap=True)
 >>> hits = index.search_text("a red circle", model=model, k=10)
+>>> hits = Client("http://127.0.0.1:8000").search(text="a red circle", k=10)  # from `clipkit serve`
 """
 
+from retrieval.client import Client, ServiceError
 from retrieval.embeddings import EmbeddingsFormatError, read_embeddings_dir, write_embedding_shard, write_manifest
 from retrieval.index import Hit, RetrievalIndex
 from retrieval.kinds import KINDS, MemoryBudgetError
@@ -13,6 +15,6 @@ from retrieval.memory import parse_memory
 from retrieval.store import MetadataError
 
 __all__ = [
-    "KINDS", "EmbeddingsFormatError", "Hit", "IndexFormatError", "MemoryBudgetError", "MetadataError",
-    "RetrievalIndex", "parse_memory", "read_embeddings_dir", "write_embedding_shard", "write_manifest",
+    "KINDS", "Client", "EmbeddingsFormatError", "Hit", "IndexFormatError", "MemoryBudgetError", "MetadataError",
+    "RetrievalIndex", "ServiceError", "parse_memory", "read_embeddings_dir", "write_embedding_shard", "write_manifest",
 ]

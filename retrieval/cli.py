@@ -1,6 +1,7 @@
-"""``clipkit index build`` and ``clipkit search``: build an index from an embeddings directory, query it.
+"""``clipkit index build``, ``clipkit search`` and ``clipkit serve``: build an index from an embeddings
+directory, query it, serve it.
 
-``add_index_commands(subparsers)`` registers both on the ``clipkit`` command's subparsers; each sets
+``add_index_commands(subparsers)`` registers them on the ``clipkit`` command's subparsers; each sets
 ``func`` to its handler, which takes the parsed arguments. Bad input raises ``ValueError`` (a usage
 error) or ``FileNotFoundError`` with a message that says what to fix.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,19 @@ def add_index_commands(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--json", action="store_true", help="print the hits as JSON")
     search.set_defaults(func=cmd_search)
 
+    serve = subparsers.add_parser("serve", help="a JSON search service over saved indexes (FastAPI on uvicorn)")
+    serve.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR",
+                       help="folders written by `clipkit index build`; each is served under its folder name")
+    serve.add_argument("--model", help="the model that embeds text and image queries for every index "
+                       "(default: the model each index was built with; an index that records none takes "
+                       "vector queries only)")
+    serve.add_argument("--pretrained", help="open_clip weights: a local file or a zoo tag")
+    serve.add_argument("--device", default="cpu", help="where the query model runs: cpu, cuda, cuda:N or auto")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this "
+                       "machine only; 0.0.0.0 serves every network the machine is on)")
+    serve.add_argument("--port", type=int, default=8000, help="the TCP port (default 8000)")
+    serve.set_defaults(func=cmd_serve)
+
 
 def cmd_index_build(args: argparse.Namespace) -> None:
     start = time.perf_counter()
@@ -87,19 +102,20 @@ def parse_filters(filters: list[str]) -> dict[str, Any] | None:
     return where or None
 
 
-def _load_model(args: argparse.Namespace, index: RetrievalIndex, directory: Path) -> Any:
-    """The model that embeds the query: ``--model``, else the one the index records (loaded from its
+def _load_model(model_arg: str | None, pretrained: str | None, device: str, index: RetrievalIndex,
+                directory: Path) -> Any:
+    """The model that embeds queries: ``model_arg``, else the one the index records (loaded from its
     absolute path, so from any folder). Its fingerprint must be the index's: a path only names a
     model, and the file there may have been replaced."""
     from clipkit.eval.encoders import load_encoder  # heavy (torch models): only when a query needs it
 
     manifest = index.manifest
-    if args.model:
-        model = load_encoder(args.model, args.pretrained, device=args.device)
+    if model_arg:
+        model = load_encoder(model_arg, pretrained, device=device)
     elif manifest.model_spec or manifest.model:
         spec = manifest.model_spec or {"model": manifest.model, "pretrained": None}
         try:
-            model = load_encoder(spec["model"], spec.get("pretrained"), device=args.device)
+            model = load_encoder(spec["model"], spec.get("pretrained"), device=device)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{directory} was built with model {manifest.model!r}, which is not at "
                                     f"{spec['model']} any more ({err}): pass --model with where it is now") from err
@@ -121,7 +137,7 @@ def _queries(
         vectors = vectors[None, :] if vectors.ndim == 1 else vectors
         results = index.search_vectors(vectors, args.k, where)
         return [(f"vector {i} of {args.vector_file}", hits) for i, hits in enumerate(results)]
-    model = _load_model(args, index, Path(args.index_dir))
+    model = _load_model(args.model, args.pretrained, args.device, index, Path(args.index_dir))
     if args.text is not None:
         return [(repr(args.text), index.search_text(args.text, model, args.k, where))]
     if args.image:
@@ -144,3 +160,32 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(f"{label}: {len(hits)} hits")
         for rank, hit in enumerate(hits, start=1):
             print(f"  {rank:>3}. {hit.score:.4f}  id {hit.id}  {json.dumps(hit.metadata, ensure_ascii=False)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from retrieval.service import ServedIndex, create_app
+
+    directories = [Path(directory) for directory in args.index_dirs]
+    names = [directory.resolve().name for directory in directories]
+    if len(set(names)) != len(names):
+        raise ValueError(f"indexes are served under their folder names, and these repeat: {names}")
+
+    def load() -> dict[str, ServedIndex]:
+        served = {}
+        for name, directory in zip(names, directories):
+            index = RetrievalIndex.load(directory, mmap=True)
+            answers_text = bool(args.model or index.manifest.model_spec or index.manifest.model)
+            model = _load_model(args.model, args.pretrained, args.device, index, directory) if answers_text else None
+            served[name] = ServedIndex(index, model)
+            print(f"{name}: {len(index):,} × {index.dim} vectors ({index.kind})"
+                  + ("" if model is not None else "; no model recorded, so vector queries only"))
+        return served
+
+    app = create_app(load)
+    print(f"serving on http://{args.host}:{args.port} (API docs at /docs; Ctrl-C or SIGTERM stops it)", flush=True)
+    # uvicorn drains the requests in flight on SIGTERM, then raises the signal again once its own
+    # handler is gone: this handler turns that into a clean exit (0) instead of death by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")

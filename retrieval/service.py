@@ -1,0 +1,237 @@
+"""``clipkit serve``: a JSON search service over saved indexes, on FastAPI and uvicorn.
+
+    GET  /health                      {"status": "ok", "indexes": [names]}
+    GET  /indexes                     each index's name, vectors, dimension, kind, model and whether
+                                      it answers text and image queries
+    GET  /indexes/{name}/items/{id}   one item's metadata
+    POST /search                      JSON {"index", "text" | "vector", "k", "where"} → hits
+    POST /search/image                multipart: the image file, with "index", "k" and "where" (JSON)
+    GET  /metrics                     Prometheus: requests by route and status, seconds per stage
+
+A bad request gets a 4xx whose ``detail`` says what to fix: 400 for a query the index cannot answer
+(wrong vector dimension, an undecodable image, text on an index served without a model), 404 for an
+unknown index or item, 413 for an upload over the limit, 422 for a body that is not the schema.
+Nothing a client sends becomes a file-system path: uploads are decoded from their bytes and index
+names are looked up among the indexes the server was started with.
+
+One worker thread owns the indexes and models. SQLite connections (the metadata) belong to the
+thread that opened them, and on a CPU one query's torch and FAISS kernels already use every core, so
+a second query in parallel would only slow the first one down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+from retrieval.encode import encode_file, encode_texts
+from retrieval.index import Hit, RetrievalIndex
+
+MAX_K = 1000
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_TEXT_CHARS = 2000
+FilterValue = StrictStr | StrictInt | StrictFloat | StrictBool
+T = TypeVar("T")
+
+
+@dataclass
+class ServedIndex:
+    """One index as the service answers from it: its model embeds text and image queries (None: the
+    index records no model, so it takes vector queries only)."""
+
+    index: RetrievalIndex
+    model: Any | None
+
+
+class SearchRequest(BaseModel):
+    """A text or vector query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str | None = Field(None, description="the index to search (may be left out when one is served)")
+    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+    vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(None, min_length=1)
+    k: int = Field(10, ge=1, le=MAX_K)
+    where: dict[str, FilterValue] | None = Field(None, description="metadata field → value every hit must have")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        if (self.text is None) == (self.vector is None):
+            raise ValueError("give exactly one of text and vector")
+        return self
+
+
+def _hits_json(hits: list[Hit], timings: dict[str, float]) -> dict[str, Any]:
+    return {"hits": [{"id": hit.id, "score": hit.score, "metadata": hit.metadata} for hit in hits],
+            "seconds": timings}
+
+
+class _Metrics:
+    """The service's Prometheus metrics, in a registry of its own (several apps may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("clipkit_serve_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.stage = Histogram("clipkit_serve_stage_seconds", "Seconds spent per query stage", ["stage"],
+                               registry=self.registry,
+                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+    def timed(self, stage: str, timings: dict[str, float], work: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        try:
+            return work()
+        finally:
+            seconds = time.perf_counter() - start
+            timings[stage] = seconds
+            self.stage.labels(stage).observe(seconds)
+
+
+def create_app(load: Callable[[], Mapping[str, ServedIndex]]) -> FastAPI:
+    """The service for the indexes ``load`` returns (name → :class:`ServedIndex`); ``load`` runs on
+    the worker thread that then answers every query."""
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipkit-serve")
+    served: dict[str, ServedIndex] = dict(worker.submit(load).result())
+    if not served:
+        raise ValueError("no index to serve")
+    metrics = _Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.shutdown(wait=True)  # uvicorn has drained the requests in flight
+
+    app = FastAPI(title="clipkit search", description="kNN search over clipkit indexes", lifespan=lifespan)
+
+    async def on_worker(function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(worker, function, *args)
+
+    def chosen(name: str | None) -> tuple[str, ServedIndex]:
+        if name is None:
+            if len(served) > 1:
+                raise HTTPException(400, f"several indexes are served; name one with index: {sorted(served)}")
+            name = next(iter(served))
+        if name not in served:
+            raise HTTPException(404, f"no index named {name!r}; served: {sorted(served)}")
+        return name, served[name]
+
+    def with_model(name: str, entry: ServedIndex, what: str) -> Any:
+        if entry.model is None:
+            raise HTTPException(400, f"index {name!r} is served without a model, so it takes vector queries "
+                                     f"only, not {what}")
+        return entry.model
+
+    def search(entry: ServedIndex, embed: Callable[[], np.ndarray], k: int,
+               where: Mapping[str, Any] | None) -> dict[str, Any]:
+        timings: dict[str, float] = {}
+        vector = metrics.timed("encode", timings, embed)
+        try:
+            hits = metrics.timed("search", timings, lambda: entry.index.search_vectors(vector, k, where)[0])
+        except ValueError as err:  # a vector of the wrong dimension
+            raise HTTPException(400, str(err)) from None
+        return _hits_json(hits, timings)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input back, and a NaN in it cannot be written as JSON (a
+        # 500); the field and the reason are what the client needs.
+        return JSONResponse({"detail": _validation_message(error)}, status_code=422)
+
+    @app.middleware("http")
+    async def count_and_limit(request: Request, call_next: Callable) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_UPLOAD_BYTES + 64 * 1024:
+            response: Response = JSONResponse({"detail": f"request body of {int(length)} bytes is over the "
+                                                         f"limit of {MAX_UPLOAD_BYTES} bytes"}, status_code=413)
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(route.path if route is not None else "unmatched", str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "indexes": sorted(served)}
+
+    @app.get("/indexes")
+    async def indexes() -> list[dict[str, Any]]:
+        return [{"name": name, "vectors": len(entry.index), "dim": entry.index.dim, "kind": entry.index.kind,
+                 "model": entry.index.model_name, "text_and_image_queries": entry.model is not None}
+                for name, entry in sorted(served.items())]
+
+    @app.get("/indexes/{name}/items/{item_id}")
+    async def item(name: str, item_id: int) -> dict[str, Any]:
+        _, entry = chosen(name)
+        found = await on_worker(entry.index.store.get, [item_id])
+        if item_id not in found:
+            raise HTTPException(404, f"index {name!r} has no item {item_id}")
+        return {"id": item_id, "metadata": found[item_id]}
+
+    @app.post("/search")
+    async def search_json(query: SearchRequest) -> dict[str, Any]:
+        name, entry = chosen(query.index)
+        if query.text is not None:
+            model, text = with_model(name, entry, "text"), query.text
+            return await on_worker(search, entry, lambda: encode_texts(model, [text]), query.k, query.where)
+        vector = np.asarray(query.vector, dtype=np.float32)[None, :]
+        return await on_worker(search, entry, lambda: vector, query.k, query.where)
+
+    @app.post("/search/image")
+    async def search_image(file: Annotated[UploadFile, File()], index: Annotated[str | None, Form()] = None,
+                           k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
+                           where: Annotated[str | None, Form()] = None) -> dict[str, Any]:
+        name, entry = chosen(index)
+        model = with_model(name, entry, "images")
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"the upload is over the limit of {MAX_UPLOAD_BYTES} bytes")
+        filters = _parse_where(where)
+
+        def embed() -> np.ndarray:
+            try:
+                return encode_file(model, "image", data)
+            except Exception as err:  # untrusted bytes: whatever the decoder raises is the client's error
+                raise HTTPException(400, f"the upload is not a decodable image ({type(err).__name__}: {err})") from None
+
+        return await on_worker(search, entry, embed, k, filters)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    """'k: Input should be less than or equal to 1000; vector.0: ...' for each problem of a request."""
+    problems = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"] if part != "body")
+        problems.append(f"{where}: {problem['msg']}" if where else problem["msg"])
+    return "; ".join(problems)
+
+
+def _parse_where(text: str | None) -> dict[str, Any] | None:
+    """The multipart form's ``where``: a JSON object of field → string, number or boolean."""
+    if text is None or not text.strip():
+        return None
+    try:
+        where = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise HTTPException(422, f"where must be a JSON object: {err}") from None
+    if not isinstance(where, dict) or not all(isinstance(v, (str, int, float, bool)) for v in where.values()):
+        raise HTTPException(422, "where must be a JSON object of field → string, number or boolean")
+    return where

@@ -1,0 +1,196 @@
+"""`clipkit serve`: a real uvicorn server on 127.0.0.1, queried over HTTP by retrieval.Client and httpx,
+answering as the library does, and refusing every kind of bad request with a clear 4xx."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from clipkit.config import ExperimentConfig
+from clipkit.eval.embed_dir import embed_to_dir
+from clipkit.eval.encoders import load_encoder
+from clipkit.model import create_model
+from clipkit.train.checkpoint import save_checkpoint
+from retrieval import Client, RetrievalIndex, ServiceError
+from retrieval.encode import encode_texts
+from retrieval.service import MAX_K, MAX_UPLOAD_BYTES, ServedIndex, create_app
+from tests.conftest import tiny_model_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def toy_index(toy_shards, tmp_path_factory) -> tuple[Path, Path]:
+    """(index folder, checkpoint): the toy held-out images embedded by a tiny model, indexed exactly."""
+    root = tmp_path_factory.mktemp("serve")
+    config = ExperimentConfig(model=tiny_model_config())
+    checkpoint = save_checkpoint(root / "model.pt", create_model(config.model).eval(), config)
+    embed_to_dir(load_encoder(str(checkpoint)), "image", toy_shards.shard_pattern("eval"), root / "emb",
+                 batch_size=32, progress=False)
+    RetrievalIndex.build_from_embeddings(root / "emb", kind="exact").save(root / "toy")
+    return root / "toy", checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """``app`` served by uvicorn on 127.0.0.1 in a thread; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(toy_index) -> Iterator[str]:
+    """The toy index (with its model) and a 16-d index of random vectors (no model), served."""
+    folder, checkpoint = toy_index
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def load() -> dict[str, ServedIndex]:
+        plain = RetrievalIndex.build(vectors, [{"n": i} for i in range(50)], kind="exact")
+        return {"toy": ServedIndex(RetrievalIndex.load(folder, mmap=True), load_encoder(str(checkpoint))),
+                "plain": ServedIndex(plain, None)}
+
+    with running(create_app(load)) as url:
+        yield url
+
+
+def first_eval_image(toy_shards) -> tuple[str, bytes]:
+    """(key, JPEG bytes) of the first held-out sample."""
+    with tarfile.open(toy_shards.eval_shards[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        return member.name.rsplit(".", 1)[0], tar.extractfile(member).read()
+
+
+def test_queries_answer_as_the_library_does(service, toy_index, toy_shards):
+    folder, checkpoint = toy_index
+    index, model = RetrievalIndex.load(folder), load_encoder(str(checkpoint))
+    with Client(service) as client:
+        assert client.health() == {"status": "ok", "indexes": ["plain", "toy"]}
+        listed = {entry["name"]: entry for entry in client.indexes()}
+        assert listed["toy"]["vectors"] == len(index) and listed["toy"]["text_and_image_queries"]
+        assert not listed["plain"]["text_and_image_queries"]
+
+        hits = client.search(text="a red circle", index="toy", k=5)
+        expected = index.search_text("a red circle", model, k=5)
+        assert [h.id for h in hits] == [h.id for h in expected]
+        assert [h.score for h in hits] == pytest.approx([h.score for h in expected], abs=1e-6)
+        assert client.item("toy", hits[0].id) == expected[0].metadata
+
+        query = encode_texts(model, ["a blue square"])[0]
+        by_vector = client.search(vector=query.tolist(), index="toy", k=3)
+        assert [h.id for h in by_vector] == [h.id for h in index.search_vectors(query, 3)[0]]
+
+        key, jpeg = first_eval_image(toy_shards)
+        by_image = client.search(image=jpeg, index="toy", k=3)
+        assert by_image[0].metadata["key"] == key and by_image[0].score == pytest.approx(1.0, abs=1e-5)
+
+        circles = client.search(text="a red circle", index="toy", k=4, where={"shape": "circle"})
+        assert len(circles) == 4 and all(hit.metadata["shape"] == "circle" for hit in circles)
+        filtered_image = client.search(image=jpeg, index="toy", k=2, where={"key": key})
+        assert [hit.metadata["key"] for hit in filtered_image] == [key]
+
+
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_answering(service, toy_shards):
+    _, jpeg = first_eval_image(toy_shards)
+    cases = [
+        ({"json": {"index": "plain", "vector": [0.1] * 15}}, 400, "dimension 15"),
+        ({"json": {"index": "toy", "text": "a red circle", "k": 10**6}}, 422, f"less than or equal to {MAX_K}"),
+        ({"json": {"index": "nope", "text": "x"}}, 404, "no index named 'nope'"),
+        ({"json": {"index": "../../etc/passwd", "text": "x"}}, 404, "no index named"),
+        ({"json": {"index": "plain", "text": "a red circle"}}, 400, "vector queries only"),
+        ({"json": {"index": "toy", "text": "a", "vector": [0.0] * 16}}, 422, "exactly one of text and vector"),
+        ({"json": {"text": "a red circle"}}, 400, "several indexes are served"),
+        ({"json": {"index": "toy", "text": "x", "where": {"shape": ["circle"]}}}, 422, "where"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "JSON"),
+        ({"content": b'{"index": "plain", "vector": [NaN]}', "headers": {"content-type": "application/json"}},
+         422, "finite"),
+    ]
+    with httpx.Client(base_url=service, timeout=60) as http:
+        for request, status, message in cases:
+            response = http.post("/search", **request)
+            assert response.status_code == status, (request, response.text)
+            assert message in response.text, (request, response.text)
+        uploads = [
+            ({"file": ("q.jpg", b"not an image at all")}, {"index": "toy"}, 400, "not a decodable image"),
+            ({"file": ("q.jpg", jpeg[: len(jpeg) // 3])}, {"index": "toy"}, 400, "not a decodable image"),
+            ({"file": ("q.jpg", jpeg)}, {"index": "toy", "where": "{bad"}, 422, "where must be a JSON object"),
+            ({"file": ("big.jpg", b"\0" * (MAX_UPLOAD_BYTES + 1))}, {"index": "toy"}, 413, "over the limit"),
+        ]
+        for files, form, status, message in uploads:
+            response = http.post("/search/image", files=files, data=form)
+            assert response.status_code == status, (form, response.text)
+            assert message in response.text
+        assert http.get("/indexes/toy/items/123456").status_code == 404
+        assert http.get("/indexes/nope/items/0").status_code == 404
+        assert http.get("/health").json()["status"] == "ok"
+        metrics = http.get("/metrics").text
+    assert 'status="5' not in metrics
+    assert 'clipkit_serve_requests_total{route="/search",status="422"}' in metrics
+    with pytest.raises(ServiceError, match="404: no index named 'nope'"):
+        Client(service).search(text="x", index="nope")
+
+
+def test_metrics_give_seconds_per_stage(service):
+    with Client(service) as client:
+        client.search(text="a green star", index="toy", k=2)
+        client.search(vector=[0.25] * 16, index="plain", k=2)
+    metrics = httpx.get(f"{service}/metrics").text
+    counts = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+              for line in metrics.splitlines() if line.startswith("clipkit_serve_stage_seconds_count")}
+    assert counts['stage="encode"'] >= 2 and counts['stage="search"'] >= 2
+    assert 'clipkit_serve_requests_total{route="/search",status="200"}' in metrics
+
+
+def test_clipkit_serve_binds_localhost_and_stops_cleanly_on_sigterm(toy_index, tmp_path):
+    folder, _ = toy_index
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "clipkit", "serve", str(folder), "--port", str(port)],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        with Client(url) as client:
+            assert len(client.search(text="a red circle", k=3)) == 3  # one index: no name needed
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert f"serving on http://127.0.0.1:{port}" in stdout and "toy: " in stdout
