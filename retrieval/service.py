@@ -16,7 +16,8 @@ names are looked up among the indexes the server was started with.
 
 One worker thread owns the indexes and models. SQLite connections (the metadata) belong to the
 thread that opened them, and on a CPU one query's torch and FAISS kernels already use every core, so
-a second query in parallel would only slow the first one down.
+a second query in parallel would only slow the first one down. Queries that arrive while it works are
+answered together as the next batch (:mod:`retrieval.query_batch`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,8 +37,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-from retrieval.encode import encode_file, encode_texts
-from retrieval.index import Hit, RetrievalIndex
+from retrieval.index import RetrievalIndex
+from retrieval.query_batch import Answer, Query, QueryBatcher, QueryRefused
 
 MAX_K = 1000
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -74,9 +74,9 @@ class SearchRequest(BaseModel):
         return self
 
 
-def _hits_json(hits: list[Hit], timings: dict[str, float]) -> dict[str, Any]:
-    return {"hits": [{"id": hit.id, "score": hit.score, "metadata": hit.metadata} for hit in hits],
-            "seconds": timings}
+def _answer_json(answer: Answer) -> dict[str, Any]:
+    return {"hits": [{"id": hit.id, "score": hit.score, "metadata": hit.metadata} for hit in answer.hits],
+            "seconds": answer.seconds, "batch": answer.batch}
 
 
 class _Metrics:
@@ -86,18 +86,14 @@ class _Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("clipkit_serve_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
-        self.stage = Histogram("clipkit_serve_stage_seconds", "Seconds spent per query stage", ["stage"],
-                               registry=self.registry,
+        self.stage = Histogram("clipkit_serve_stage_seconds", "Seconds per stage of one batch of queries",
+                               ["stage"], registry=self.registry,
                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self.batch = Histogram("clipkit_serve_batch_queries", "Queries answered together", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
 
-    def timed(self, stage: str, timings: dict[str, float], work: Callable[[], T]) -> T:
-        start = time.perf_counter()
-        try:
-            return work()
-        finally:
-            seconds = time.perf_counter() - start
-            timings[stage] = seconds
-            self.stage.labels(stage).observe(seconds)
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage.labels(stage).observe(seconds)
 
 
 def create_app(load: Callable[[], Mapping[str, ServedIndex]]) -> FastAPI:
@@ -108,11 +104,16 @@ def create_app(load: Callable[[], Mapping[str, ServedIndex]]) -> FastAPI:
     if not served:
         raise ValueError("no index to serve")
     metrics = _Metrics()
+    batcher = QueryBatcher(worker, metrics.observe_stage, metrics.batch.observe)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batching = asyncio.create_task(batcher.run())
         yield
-        worker.shutdown(wait=True)  # uvicorn has drained the requests in flight
+        batching.cancel()  # uvicorn has drained the requests in flight
+        with contextlib.suppress(asyncio.CancelledError):
+            await batching
+        worker.shutdown(wait=True)
 
     app = FastAPI(title="clipkit search", description="kNN search over clipkit indexes", lifespan=lifespan)
 
@@ -134,15 +135,11 @@ def create_app(load: Callable[[], Mapping[str, ServedIndex]]) -> FastAPI:
                                      f"only, not {what}")
         return entry.model
 
-    def search(entry: ServedIndex, embed: Callable[[], np.ndarray], k: int,
-               where: Mapping[str, Any] | None) -> dict[str, Any]:
-        timings: dict[str, float] = {}
-        vector = metrics.timed("encode", timings, embed)
+    async def answer(query: Query) -> dict[str, Any]:
         try:
-            hits = metrics.timed("search", timings, lambda: entry.index.search_vectors(vector, k, where)[0])
-        except ValueError as err:  # a vector of the wrong dimension
+            return _answer_json(await batcher.ask(query))
+        except QueryRefused as err:
             raise HTTPException(400, str(err)) from None
-        return _hits_json(hits, timings)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -184,10 +181,10 @@ def create_app(load: Callable[[], Mapping[str, ServedIndex]]) -> FastAPI:
     async def search_json(query: SearchRequest) -> dict[str, Any]:
         name, entry = chosen(query.index)
         if query.text is not None:
-            model, text = with_model(name, entry, "text"), query.text
-            return await on_worker(search, entry, lambda: encode_texts(model, [text]), query.k, query.where)
-        vector = np.asarray(query.vector, dtype=np.float32)[None, :]
-        return await on_worker(search, entry, lambda: vector, query.k, query.where)
+            return await answer(Query(entry.index, with_model(name, entry, "text"), query.k, query.where,
+                                      text=query.text))
+        return await answer(Query(entry.index, entry.model, query.k, query.where,
+                                  vector=np.asarray(query.vector, dtype=np.float32)))
 
     @app.post("/search/image")
     async def search_image(file: Annotated[UploadFile, File()], index: Annotated[str | None, Form()] = None,
@@ -198,15 +195,7 @@ def create_app(load: Callable[[], Mapping[str, ServedIndex]]) -> FastAPI:
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"the upload is over the limit of {MAX_UPLOAD_BYTES} bytes")
-        filters = _parse_where(where)
-
-        def embed() -> np.ndarray:
-            try:
-                return encode_file(model, "image", data)
-            except Exception as err:  # untrusted bytes: whatever the decoder raises is the client's error
-                raise HTTPException(400, f"the upload is not a decodable image ({type(err).__name__}: {err})") from None
-
-        return await on_worker(search, entry, embed, k, filters)
+        return await answer(Query(entry.index, model, k, _parse_where(where), image=data))
 
     @app.get("/metrics")
     async def prometheus() -> Response:

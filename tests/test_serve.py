@@ -3,6 +3,7 @@ answering as the library does, and refusing every kind of bad request with a cle
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -120,6 +121,44 @@ def test_queries_answer_as_the_library_does(service, toy_index, toy_shards):
         assert len(circles) == 4 and all(hit.metadata["shape"] == "circle" for hit in circles)
         filtered_image = client.search(image=jpeg, index="toy", k=2, where={"key": key})
         assert [hit.metadata["key"] for hit in filtered_image] == [key]
+
+
+def test_concurrent_queries_are_answered_together_and_alike(service, toy_index):
+    """24 requests at once (text, vector and a bad one): fewer batches than queries, each answer the
+    library's, the bad vector refused alone."""
+    folder, checkpoint = toy_index
+    index, model = RetrievalIndex.load(folder), load_encoder(str(checkpoint))
+    texts = [f"a {colour} {shape}" for colour in ("red", "green", "blue", "yellow") for shape in ("circle", "star")]
+    vectors = encode_texts(model, ["a purple square", "an orange triangle"])
+    before = batch_counts(service)
+
+    async def ask_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=service, timeout=60) as http:
+            requests = [http.post("/search", json={"index": "toy", "text": text, "k": 3 + i % 3})
+                        for i, text in enumerate(texts * 2)]
+            requests += [http.post("/search", json={"index": "toy", "vector": v.tolist(), "k": 4}) for v in vectors]
+            requests += [http.post("/search", json={"index": "toy", "vector": [0.5] * 7})]
+            return await asyncio.gather(*requests)
+
+    responses = asyncio.run(ask_all())
+    assert [r.status_code for r in responses] == [200] * 18 + [400]
+    for i, (text, response) in enumerate(zip(texts * 2, responses)):
+        expected = index.search_text(text, model, k=3 + i % 3)
+        assert [h["id"] for h in response.json()["hits"]] == [h.id for h in expected]
+        assert [h["score"] for h in response.json()["hits"]] == pytest.approx([h.score for h in expected], abs=1e-5)
+    for vector, response in zip(vectors, responses[16:18]):
+        assert [h["id"] for h in response.json()["hits"]] == [h.id for h in index.search_vectors(vector, 4)[0]]
+    assert "dimension 7" in responses[-1].text
+    queries, batches = (after - earlier for after, earlier in zip(batch_counts(service), before))
+    assert queries == 19 and batches < queries
+    assert max(r.json()["batch"] for r in responses[:18]) > 1
+
+
+def batch_counts(url: str) -> tuple[float, float]:
+    """(queries, batches) the service has answered so far, from its Prometheus metrics."""
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+              if line.startswith("clipkit_serve_batch_queries_")}
+    return values["clipkit_serve_batch_queries_sum"], values["clipkit_serve_batch_queries_count"]
 
 
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_answering(service, toy_shards):
