@@ -4,6 +4,8 @@
     GET  /indexes                     each index's name, vectors, dimension, kind, model and whether
                                       it answers text and image queries
     GET  /indexes/{name}/items/{id}   one item's metadata
+    GET  /indexes/{name}/items/{id}/media   the item's image, audio or video file
+    GET  /                            the search page (retrieval/page.html; no assets from elsewhere)
     POST /search                      JSON {"index", "text" | "vector", "k", "where"} → hits
     POST /search/image                multipart: the image file, with "index", "k" and "where" (JSON)
     GET  /metrics                     Prometheus: requests by route and status, seconds per stage
@@ -25,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+from importlib.resources import files
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,14 +37,16 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from retrieval.index import RetrievalIndex
+from retrieval.media import MediaNotFound, MediaReader
 from retrieval.query_batch import Answer, Query, QueryBatcher, QueryRefused
 
 MAX_K = 1000
+PAGE = files("retrieval").joinpath("page.html").read_text(encoding="utf-8")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_TEXT_CHARS = 2000
 FilterValue = StrictStr | StrictInt | StrictFloat | StrictBool
@@ -104,6 +110,7 @@ def create_app(load: Callable[[], Mapping[str, ServedIndex]]) -> FastAPI:
     if not served:
         raise ValueError("no index to serve")
     metrics = _Metrics()
+    media_reader = MediaReader()
     batcher = QueryBatcher(worker, metrics.observe_stage, metrics.batch.observe)
 
     @contextlib.asynccontextmanager
@@ -176,6 +183,27 @@ def create_app(load: Callable[[], Mapping[str, ServedIndex]]) -> FastAPI:
         if item_id not in found:
             raise HTTPException(404, f"index {name!r} has no item {item_id}")
         return {"id": item_id, "metadata": found[item_id]}
+
+    @app.get("/indexes/{name}/items/{item_id}/media")
+    async def media(name: str, item_id: int) -> Response:
+        found = await item(name, item_id)
+
+        def read() -> tuple[bytes, str]:
+            start = time.perf_counter()
+            try:
+                return media_reader.read(found["metadata"])
+            finally:
+                metrics.observe_stage("media", time.perf_counter() - start)
+
+        try:
+            data, media_type = await on_worker(read)
+        except MediaNotFound as err:
+            raise HTTPException(404, f"item {item_id} of {name!r}: {err}") from None
+        return Response(data, media_type=media_type, headers={"cache-control": "max-age=3600"})
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE
 
     @app.post("/search")
     async def search_json(query: SearchRequest) -> dict[str, Any]:

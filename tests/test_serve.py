@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,6 +211,92 @@ def test_metrics_give_seconds_per_stage(service):
               for line in metrics.splitlines() if line.startswith("clipkit_serve_stage_seconds_count")}
     assert counts['stage="encode"'] >= 2 and counts['stage="search"'] >= 2
     assert 'clipkit_serve_requests_total{route="/search",status="200"}' in metrics
+
+
+def test_an_items_media_is_read_back_from_its_shard(service, toy_shards):
+    key, jpeg = first_eval_image(toy_shards)
+    with Client(service) as client:
+        (hit,) = client.search(image=jpeg, index="toy", k=1)
+    response = httpx.get(f"{service}/indexes/toy/items/{hit.id}/media")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.content == jpeg
+    missing = httpx.get(f"{service}/indexes/plain/items/3/media")
+    assert missing.status_code == 404 and "names no source and key" in missing.json()["detail"]
+    assert httpx.get(f"{service}/indexes/toy/items/99999/media").status_code == 404
+
+
+def browser():
+    """Headless chromium through Selenium, or a skip where the browser is not installed (.ci/run
+    installs it and sets CLIPKIT_REQUIRE_BROWSER, so CI never skips)."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CLIPKIT_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_the_page_searches_in_a_real_browser(service, toy_index, toy_shards, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    folder, checkpoint = toy_index
+    index, model = RetrievalIndex.load(folder), load_encoder(str(checkpoint))
+    key, jpeg = first_eval_image(toy_shards)
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(service)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "index")).options) == 2)
+        Select(driver.find_element(By.ID, "index")).select_by_value("toy")
+
+        def results(previous: str | None = None) -> list:
+            wait.until(lambda d: " results for " in d.find_element(By.ID, "status").text
+                       and d.find_element(By.ID, "status").text != previous)
+            return driver.find_elements(By.CSS_SELECTOR, "#results .hit")
+
+        driver.find_element(By.ID, "query").send_keys("a red circle")
+        driver.find_element(By.ID, "go").click()
+        cards = results()
+        expected = index.search_text("a red circle", model, k=12)
+        assert [int(card.get_attribute("data-id")) for card in cards] == [hit.id for hit in expected]
+        assert expected[0].metadata["caption"] in cards[0].text
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+
+        status = driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "filter").send_keys("shape=circle")
+        driver.find_element(By.ID, "go").click()
+        circles = results(status)
+        assert circles and all("shape: circle" in card.text for card in circles)
+
+        status = driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "filter").clear()
+        upload = tmp_path / "query.jpg"
+        upload.write_bytes(jpeg)
+        driver.find_element(By.ID, "upload").send_keys(str(upload))
+        by_image = results(status)
+        assert f"key: {key}" in by_image[0].text and by_image[0].text.startswith("1.000")
+
+        status = driver.find_element(By.ID, "status").text
+        second = int(by_image[1].get_attribute("data-id"))
+        by_image[1].find_element(By.CLASS_NAME, "similar").click()
+        similar = results(status)
+        assert int(similar[0].get_attribute("data-id")) == second  # an item is most similar to itself
+
+        status = driver.find_element(By.ID, "status").text
+        Select(driver.find_element(By.ID, "index")).select_by_value("plain")
+        driver.find_element(By.ID, "query").send_keys(" again")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: "vector queries only" in d.find_element(By.ID, "status").text)
+    finally:
+        driver.quit()
 
 
 def test_clipkit_serve_binds_localhost_and_stops_cleanly_on_sigterm(toy_index, tmp_path):
