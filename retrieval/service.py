@@ -28,10 +28,10 @@ import asyncio
 import contextlib
 import json
 import time
-from importlib.resources import files
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -46,9 +46,9 @@ from retrieval.media import MediaNotFound, MediaReader
 from retrieval.query_batch import Answer, Query, QueryBatcher, QueryRefused
 
 MAX_K = 1000
-PAGE = files("retrieval").joinpath("page.html").read_text(encoding="utf-8")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_TEXT_CHARS = 2000
+PAGE = files("retrieval").joinpath("page.html").read_text(encoding="utf-8")
 FilterValue = StrictStr | StrictInt | StrictFloat | StrictBool
 T = TypeVar("T")
 
