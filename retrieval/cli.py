@@ -12,6 +12,7 @@ import argparse
 import json
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ def add_index_commands(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--image", help="an image file to query with")
     search.add_argument("--audio", help="an audio file to query with")
     search.add_argument("--vector-file", help="a .npy file with one (D,) query vector or a (Q, D) batch")
+    search.add_argument("--item", type=int, help="the id of an indexed item: more like it (by its stored vector)")
     search.add_argument("--model", help="the model that embeds the query: a clipkit checkpoint or "
                         "open_clip:ARCH (default: the model the index was built with)")
     search.add_argument("--pretrained", help="open_clip weights: a local file or a zoo tag")
@@ -65,6 +67,9 @@ def add_index_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this "
                        "machine only; 0.0.0.0 serves every network the machine is on)")
     serve.add_argument("--port", type=int, default=8000, help="the TCP port (default 8000)")
+    serve.add_argument("--watch", type=float, default=2.0, metavar="SECONDS",
+                       help="how often each INDEX_DIR is checked for a rebuilt index, which is then swapped "
+                            "in (default 2; 0: only on POST /reload)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -129,9 +134,14 @@ def _queries(
     args: argparse.Namespace, index: RetrievalIndex, where: dict[str, Any] | None
 ) -> list[tuple[str, list[Hit]]]:
     """(label, hits) for each query the arguments ask for."""
-    given = [name for name in ("text", "image", "audio", "vector_file") if getattr(args, name) is not None]
+    given = [name for name in ("text", "image", "audio", "vector_file", "item") if getattr(args, name) is not None]
     if len(given) != 1:
-        raise ValueError("give exactly one query: TEXT, --image, --audio or --vector-file")
+        raise ValueError("give exactly one query: TEXT, --image, --audio, --vector-file or --item")
+    if args.item is not None:
+        try:
+            return [(f"item {args.item}", index.search_item(args.item, args.k, where))]
+        except KeyError as err:
+            raise ValueError(f"{args.index_dir} has no item {args.item}") from err
     if args.vector_file:
         vectors = np.load(args.vector_file)
         vectors = vectors[None, :] if vectors.ndim == 1 else vectors
@@ -162,28 +172,41 @@ def cmd_search(args: argparse.Namespace) -> None:
             print(f"  {rank:>3}. {hit.score:.4f}  id {hit.id}  {json.dumps(hit.metadata, ensure_ascii=False)}")
 
 
+def _index_opener(directory: Path, args: argparse.Namespace) -> Callable[[Any], Any]:
+    """``open(served)`` for ``clipkit serve``: the folder's current index, with its model (the one
+    served before when the new version was embedded by the same weights)."""
+    from retrieval.served import ServedIndex
+
+    def open_version(served: ServedIndex | None) -> ServedIndex:
+        index = RetrievalIndex.load(directory, mmap=True)
+        manifest = index.manifest
+        model = None
+        if args.model or manifest.model_spec or manifest.model:
+            before = served.index.manifest.model_fingerprint if served is not None and served.model else None
+            keep = before is not None and before == manifest.model_fingerprint
+            model = served.model if keep else _load_model(args.model, args.pretrained, args.device, index, directory)
+        print(f"{directory.resolve().name}: {len(index):,} × {index.dim} vectors ({index.kind}, built "
+              f"{manifest.created})" + ("" if model is not None else "; no model recorded, so vector and item "
+                                        "queries only"), flush=True)
+        return ServedIndex(index, model)
+
+    return open_version
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from retrieval.service import ServedIndex, create_app
+    from retrieval.served import IndexSource
+    from retrieval.service import create_app
 
+    if args.watch < 0:
+        raise ValueError(f"--watch takes seconds ≥ 0, got {args.watch}")
     directories = [Path(directory) for directory in args.index_dirs]
     names = [directory.resolve().name for directory in directories]
     if len(set(names)) != len(names):
         raise ValueError(f"indexes are served under their folder names, and these repeat: {names}")
-
-    def load() -> dict[str, ServedIndex]:
-        served = {}
-        for name, directory in zip(names, directories):
-            index = RetrievalIndex.load(directory, mmap=True)
-            answers_text = bool(args.model or index.manifest.model_spec or index.manifest.model)
-            model = _load_model(args.model, args.pretrained, args.device, index, directory) if answers_text else None
-            served[name] = ServedIndex(index, model)
-            print(f"{name}: {len(index):,} × {index.dim} vectors ({index.kind})"
-                  + ("" if model is not None else "; no model recorded, so vector queries only"))
-        return served
-
-    app = create_app(load)
+    app = create_app({name: IndexSource(_index_opener(directory, args), directory)
+                      for name, directory in zip(names, directories)}, watch_seconds=args.watch)
     print(f"serving on http://{args.host}:{args.port} (API docs at /docs; Ctrl-C or SIGTERM stops it)", flush=True)
     # uvicorn drains the requests in flight on SIGTERM, then raises the signal again once its own
     # handler is gone: this handler turns that into a clean exit (0) instead of death by the signal.

@@ -25,6 +25,7 @@ from retrieval.manifest import (
 from retrieval.memory import format_bytes, parse_memory
 from retrieval.search import SearchKnob, search_index
 from retrieval.store import FilterValue, MetadataStore
+from retrieval.stored_vectors import StoredVectors
 from retrieval.tuning import CHUNK_ROWS, RECALL_K, TuningResult, exact_neighbours, tune_knob, tune_refined
 from retrieval.vectors import VectorSource, as_float32_matrix, as_vector_source, is_tensor
 
@@ -166,6 +167,7 @@ class RetrievalIndex:
         self.read_only = read_only
         self._knob = SearchKnob.from_settings(manifest.search)
         self._deleted = store.deleted_ids()
+        self._stored: StoredVectors | None = None  # built on the first search by an item
 
     # ----------------------------------------------------------------------------------- building
 
@@ -353,6 +355,7 @@ class RetrievalIndex:
         else:
             self.index.add_with_ids(array, ids)
         self.manifest = replace(self.manifest, count=self.manifest.count + len(ids), next_id=first + len(ids))
+        self._stored = None
         return ids
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
@@ -373,6 +376,7 @@ class RetrievalIndex:
         else:
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
         self.manifest = replace(self.manifest, count=self.manifest.count - len(ids))
+        self._stored = None
         return len(ids)
 
     # ----------------------------------------------------------------------------------- searching
@@ -415,6 +419,26 @@ class RetrievalIndex:
         if len(self._deleted):
             return faiss.IDSelectorNot(faiss.IDSelectorBatch(self._deleted)), len(self)
         return None, len(self)
+
+    def stored_vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(N,) ids → (N, D) float32: the vectors indexed under them as the index keeps them (the
+        vectors themselves, or for ``ivfrabitq`` their decoded codes; see ``retrieval.stored_vectors``).
+
+        Raises ``KeyError`` for an id that is not indexed (or was removed) and ``VectorsNotStored``
+        for an ``ivfpq`` index, whose codes cannot be decoded.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        unknown = self.store.missing(ids)
+        if len(unknown):
+            raise KeyError(f"no item with id {int(unknown[0])}")
+        if self._stored is None:
+            self._stored = StoredVectors(self.index, self.kind)
+        return self._stored(ids)
+
+    def search_item(self, item_id: int, k: int = 10, where: Mapping[str, FilterValue] | None = None) -> list[Hit]:
+        """"More like this": the hits of the item's own stored vector (the item itself among them,
+        first for the kinds that keep full vectors)."""
+        return self.search_vectors(self.stored_vectors([item_id]), k, where)[0]
 
     @overload
     def search_text(self, text: str, model: Any, k: int = 10,

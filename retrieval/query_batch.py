@@ -20,17 +20,24 @@ import numpy as np
 
 from retrieval.encode import encode_file, encode_texts
 from retrieval.index import Hit, RetrievalIndex
+from retrieval.stored_vectors import VectorsNotStored
 
 MAX_BATCH = 64
 
 
 class QueryRefused(ValueError):
-    """A query the index cannot answer (a vector of another dimension, an undecodable image)."""
+    """A query the index cannot answer (a vector of another dimension, an undecodable image, an
+    unknown item); ``status`` is the HTTP status that says so (404 for an unknown item, else 400)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
 class Query:
-    """One search: exactly one of ``text``, ``vector`` (D,) and ``image`` (the file's bytes)."""
+    """One search: exactly one of ``text``, ``vector`` (D,), ``image`` (the file's bytes) and ``item``
+    (the id of an indexed item, searched by its stored vector)."""
 
     index: RetrievalIndex
     model: Any | None
@@ -39,6 +46,7 @@ class Query:
     text: str | None = None
     vector: np.ndarray | None = None
     image: bytes | None = None
+    item: int | None = None
 
 
 @dataclass
@@ -66,6 +74,13 @@ def answer_batch(queries: list[Query], observe: Callable[[str, float], None]) ->
                 vectors[i] = encode_file(query.model, "image", query.image)[0]
             except Exception as err:  # untrusted bytes: whatever the decoder raises is the client's error
                 refused[i] = QueryRefused(f"the upload is not a decodable image ({type(err).__name__}: {err})")
+        elif query.item is not None:
+            try:
+                vectors[i] = query.index.stored_vectors([query.item])[0]
+            except KeyError:
+                refused[i] = QueryRefused(f"the index has no item {query.item}", status=404)
+            except VectorsNotStored as err:
+                refused[i] = QueryRefused(str(err))
         elif len(query.vector) != query.index.dim:
             refused[i] = QueryRefused(f"the vector has dimension {len(query.vector)}, the index holds "
                                       f"{query.index.dim}-d vectors")

@@ -60,6 +60,12 @@ def _sql_value(field: str, value: FilterValue) -> str | int | float:
     raise ValueError(f"filter {field}= must be a string, number or bool, got {value!r}")
 
 
+def _connect(database: str, uri: bool = False) -> sqlite3.Connection:
+    # A store may be opened on one thread and used on another, one at a time (``clipkit serve`` opens
+    # a new index version on its loader thread and answers from its worker thread).
+    return sqlite3.connect(database, uri=uri, check_same_thread=False)
+
+
 class MetadataStore:
     """Metadata dicts keyed by int64 vector id, plus the ids of deleted-but-still-indexed vectors."""
 
@@ -72,7 +78,7 @@ class MetadataStore:
     @classmethod
     def temporary(cls) -> "MetadataStore":
         """An empty store in a private temporary database (SQLite keeps it on disk once it grows)."""
-        return cls(sqlite3.connect(""), read_only=False)
+        return cls(_connect(""), read_only=False)
 
     @classmethod
     def open(cls, path: str | Path) -> "MetadataStore":
@@ -80,7 +86,7 @@ class MetadataStore:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no metadata store at {path}")
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        connection = _connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
             connection.execute("SELECT id, metadata FROM items LIMIT 1").fetchall()
             connection.execute("SELECT id FROM deleted LIMIT 1").fetchall()
@@ -91,7 +97,7 @@ class MetadataStore:
 
     def _writable(self) -> sqlite3.Connection:
         if self._read_only:
-            private = sqlite3.connect("")
+            private = _connect("")
             self._db.backup(private)
             self._db.close()
             self._db, self._read_only = private, False

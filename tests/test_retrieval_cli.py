@@ -116,6 +116,16 @@ def test_search_text_and_image_load_the_model_the_index_names(built, capsys, mon
     assert loaded == [(MODEL, None, "cpu"), (MODEL, "weights.pt", "cpu")]
 
 
+def test_search_more_like_an_item_needs_no_model(built, capsys):
+    tmp_path, vectors, _ = built
+    run("search", str(tmp_path / "index"), "--item", "42", "--k", "3", "--filter", "source=shard-0.tar", "--json")
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["query"] == "item 42" and result["hits"][0]["id"] == 42 and len(result["hits"]) == 3
+    assert all(hit["metadata"]["source"] == "shard-0.tar" for hit in result["hits"])
+    with pytest.raises(ValueError, match="has no item 1500"):
+        run("search", str(tmp_path / "index"), "--item", "1500")
+
+
 def test_search_errors(built, monkeypatch):
     tmp_path, vectors, _ = built
     index = str(tmp_path / "index")

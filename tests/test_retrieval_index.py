@@ -16,6 +16,7 @@ from clipkit.modalities import FieldDecoder
 from retrieval import IndexFormatError, MemoryBudgetError, MetadataError, RetrievalIndex, parse_memory
 from retrieval.kinds import REFINED, escalation_plans, mmap_flags, plan_index
 from retrieval.search import SearchKnob
+from retrieval.stored_vectors import VectorsNotStored
 from retrieval.synthetic import ClipLikeVectors, ClusteredVectors
 from retrieval.tuning import TUNING_MARGIN, exact_neighbours, recall_at_k, tune_knob
 from retrieval.vectors import ArrayVectors
@@ -462,6 +463,58 @@ def test_changing_a_loaded_index_leaves_its_directory_alone_until_saved(tmp_path
     assert len(RetrievalIndex.load(tmp_path / "index")) == 100
     index.save(tmp_path / "index")
     assert len(RetrievalIndex.load(tmp_path / "index")) == 101
+
+
+# ------------------------------------------------------------------------------------ search by an item
+
+
+def _cosines(found: np.ndarray, original: np.ndarray) -> np.ndarray:
+    return (found * original).sum(1) / np.linalg.norm(found, axis=1) / np.linalg.norm(original, axis=1)
+
+
+@pytest.mark.parametrize("kind, least_cosine", [("exact", 0.99999), ("hnsw", 0.99999), ("ivfrabitq", 0.85),
+                                                (REFINED, 0.9999)])
+def test_an_item_s_vector_comes_back_from_a_memory_mapped_index(tmp_path, base, refined_dir, kind, least_cosine,
+                                                                recwarn):
+    vectors, metadata = base
+    if kind == REFINED:
+        directory = refined_dir
+    else:
+        directory = tmp_path / "index"
+        RetrievalIndex.build(vectors, metadata, kind=kind).save(directory)
+    index = RetrievalIndex.load(directory, mmap=True)
+    ids = [4_321, 0, 17]
+    found = index.stored_vectors(ids)
+    assert found.shape == (3, DIM) and found.dtype == np.float32
+    # Full vectors come back as they went in; RaBitQ's 1-bit codes decode to an approximation.
+    assert _cosines(found, vectors[ids]).min() >= least_cosine
+    if kind != "ivfrabitq":
+        np.testing.assert_allclose(found, vectors[ids], atol=2e-3)
+    hits = index.search_item(4_321, k=5)
+    assert hits[0].id == 4_321 and hits[0].metadata == index.store.get([4_321])[4_321]
+    assert hits == index.search_vectors(found[0], k=5)[0]
+    with pytest.raises(KeyError, match="no item with id 5000"):
+        index.stored_vectors([5_000])
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfrabitq"])
+def test_a_removed_item_has_no_vector_and_the_others_keep_theirs(base, kind, recwarn):
+    vectors, metadata = base
+    index = RetrievalIndex.build(vectors, metadata, kind=kind)
+    before = index.stored_vectors([9, 10])
+    index.remove([9])  # exact and IVF lists drop it, HNSW keeps it as a deleted id
+    with pytest.raises(KeyError, match="no item with id 9"):
+        index.stored_vectors([9])
+    np.testing.assert_array_equal(index.stored_vectors([10])[0], before[1])
+    new_id = index.add(vectors[9:10])[0]
+    if kind != "ivfrabitq":
+        np.testing.assert_array_equal(index.stored_vectors([new_id])[0], vectors[9])
+
+
+def test_an_ivfpq_index_refuses_to_give_back_vectors(base, recwarn):
+    index = RetrievalIndex.build(base[0], kind="ivfpq")
+    with pytest.raises(VectorsNotStored, match="rebuild it with another kind"):
+        index.search_item(0)
 
 
 # ------------------------------------------------------------------------------------ filters

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
 import os
 import shutil
 import signal
@@ -29,7 +31,8 @@ from clipkit.model import create_model
 from clipkit.train.checkpoint import save_checkpoint
 from retrieval import Client, RetrievalIndex, ServiceError
 from retrieval.encode import encode_texts
-from retrieval.service import MAX_K, MAX_UPLOAD_BYTES, ServedIndex, create_app
+from retrieval.served import IndexSource, ServedIndex
+from retrieval.service import MAX_K, MAX_UPLOAD_BYTES, create_app
 from tests.conftest import tiny_model_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,12 +82,13 @@ def service(toy_index) -> Iterator[str]:
     vectors = rng.normal(size=(50, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
 
-    def load() -> dict[str, ServedIndex]:
-        plain = RetrievalIndex.build(vectors, [{"n": i} for i in range(50)], kind="exact")
-        return {"toy": ServedIndex(RetrievalIndex.load(folder, mmap=True), load_encoder(str(checkpoint))),
-                "plain": ServedIndex(plain, None)}
-
-    with running(create_app(load)) as url:
+    sources = {
+        "toy": IndexSource(lambda _: ServedIndex(RetrievalIndex.load(folder, mmap=True), load_encoder(str(checkpoint))),
+                           folder),
+        "plain": IndexSource(lambda _: ServedIndex(
+            RetrievalIndex.build(vectors, [{"n": i} for i in range(50)], kind="exact"), None)),
+    }
+    with running(create_app(sources)) as url:
         yield url
 
 
@@ -117,6 +121,11 @@ def test_queries_answer_as_the_library_does(service, toy_index, toy_shards):
         key, jpeg = first_eval_image(toy_shards)
         by_image = client.search(image=jpeg, index="toy", k=3)
         assert by_image[0].metadata["key"] == key and by_image[0].score == pytest.approx(1.0, abs=1e-5)
+
+        more_like_it, expected = client.search(item=by_image[1].id, index="toy", k=5), index.search_item(by_image[1].id, k=5)
+        assert [h.id for h in more_like_it] == [h.id for h in expected] and expected[0].id == by_image[1].id
+        assert [h.score for h in more_like_it] == pytest.approx([h.score for h in expected], abs=1e-6)
+        assert client.search(item=7, index="plain", k=3)[0].id == 7  # a vector-only index answers items too
 
         circles = client.search(text="a red circle", index="toy", k=4, where={"shape": "circle"})
         assert len(circles) == 4 and all(hit.metadata["shape"] == "circle" for hit in circles)
@@ -169,8 +178,10 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_answering(service, to
         ({"json": {"index": "toy", "text": "a red circle", "k": 10**6}}, 422, f"less than or equal to {MAX_K}"),
         ({"json": {"index": "nope", "text": "x"}}, 404, "no index named 'nope'"),
         ({"json": {"index": "../../etc/passwd", "text": "x"}}, 404, "no index named"),
-        ({"json": {"index": "plain", "text": "a red circle"}}, 400, "vector queries only"),
-        ({"json": {"index": "toy", "text": "a", "vector": [0.0] * 16}}, 422, "exactly one of text and vector"),
+        ({"json": {"index": "plain", "text": "a red circle"}}, 400, "vector and item queries only"),
+        ({"json": {"index": "toy", "text": "a", "vector": [0.0] * 16}}, 422, "exactly one of text, vector and item"),
+        ({"json": {"index": "toy", "item": 999_999}}, 404, "has no item 999999"),
+        ({"json": {"index": "toy", "item": -1}}, 422, "item: Input should be greater than or equal to 0"),
         ({"json": {"text": "a red circle"}}, 400, "several indexes are served"),
         ({"json": {"index": "toy", "text": "x", "where": {"shape": ["circle"]}}}, 422, "where"),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "JSON"),
@@ -217,12 +228,85 @@ def test_an_items_media_is_read_back_from_its_shard(service, toy_shards):
     key, jpeg = first_eval_image(toy_shards)
     with Client(service) as client:
         (hit,) = client.search(image=jpeg, index="toy", k=1)
+    assert hit.metadata["media"]["type"] == "jpg" and hit.metadata["media"]["size"] == len(jpeg)  # from embed
     response = httpx.get(f"{service}/indexes/toy/items/{hit.id}/media")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     assert response.content == jpeg
+    not_a_video = httpx.get(f"{service}/indexes/toy/items/{hit.id}/media", params={"frame": 0.5})
+    assert not_a_video.status_code == 400 and "not a video" in not_a_video.json()["detail"]
+    assert httpx.get(f"{service}/indexes/toy/items/{hit.id}/media", params={"frame": 2}).status_code == 422
     missing = httpx.get(f"{service}/indexes/plain/items/3/media")
     assert missing.status_code == 404 and "names no source and key" in missing.json()["detail"]
     assert httpx.get(f"{service}/indexes/toy/items/99999/media").status_code == 404
+
+
+def test_a_rebuilt_index_is_swapped_in_whole_while_queries_keep_answering(tmp_path):
+    """Three clients query without pause while the folder is rebuilt (50 → 60 → 70 → a damaged
+    version → 90 vectors): every request is answered, each from one version, and the damaged version
+    is refused with the one before still served."""
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(90, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    folder = tmp_path / "live"
+
+    def save(count: int, directory: Path = folder) -> None:
+        metadata = [{"n": i, "version": count} for i in range(count)]
+        RetrievalIndex.build(vectors[:count], metadata, kind="exact").save(directory)
+
+    save(50)
+    sources = {"live": IndexSource(lambda _: ServedIndex(RetrievalIndex.load(folder, mmap=True), None), folder)}
+    statuses: list[int] = []
+    versions: list[set[int]] = []
+    stop = threading.Event()
+
+    def query_without_pause() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                response = http.post(f"{url}/search", json={"vector": vectors[0].tolist(), "k": 8})
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    versions.append({hit["metadata"]["version"] for hit in response.json()["hits"]})
+
+    def served_count(client: Client, count: int) -> None:
+        """Wait until version ``count`` is served and has answered the clients."""
+        deadline = time.monotonic() + 30
+        while client.indexes()[0]["vectors"] != count or not any(seen == {count} for seen in versions[-20:]):
+            assert time.monotonic() < deadline, f"version {count} was not swapped in"
+            time.sleep(0.05)
+
+    with running(create_app(sources, watch_seconds=0.1)) as url, Client(url) as client:
+        threads = [threading.Thread(target=query_without_pause) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            served_count(client, 50)
+            for count in (60, 70):
+                save(count)
+                served_count(client, count)
+            save(80, tmp_path / "damaged")
+            with open(tmp_path / "damaged" / "index.faiss", "r+b") as damaged:
+                damaged.seek(-64, os.SEEK_END)
+                damaged.write(b"\xff" * 64)
+            os.rename(folder, tmp_path / "aside")
+            os.rename(tmp_path / "damaged", folder)
+            deadline = time.monotonic() + 30
+            while 'clipkit_serve_reloads_total{index="live",outcome="failed"} 1.0' not in httpx.get(f"{url}/metrics").text:
+                assert time.monotonic() < deadline, "the watcher did not try the damaged version"
+                time.sleep(0.05)
+            with pytest.raises(ServiceError, match="409: index 'live' kept the version it served.*checksum"):
+                client.reload("live")
+            assert client.indexes()[0]["vectors"] == 70
+            save(90)
+            served_count(client, 90)
+            assert client.search(item=85, k=1)[0].metadata == {"n": 85, "version": 90}
+            assert client.reload() == ["live"]
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    assert len(statuses) > 50 and set(statuses) == {200}
+    assert all(len(seen) == 1 for seen in versions)  # no answer mixes two versions
+    assert {50, 60, 70, 90} <= set.union(*versions)
 
 
 def browser():
@@ -294,12 +378,14 @@ def test_the_page_searches_in_a_real_browser(service, toy_index, toy_shards, tmp
         Select(driver.find_element(By.ID, "index")).select_by_value("plain")
         driver.find_element(By.ID, "query").send_keys(" again")
         driver.find_element(By.ID, "go").click()
-        wait.until(lambda d: "vector queries only" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: "vector and item queries only" in d.find_element(By.ID, "status").text)
     finally:
         driver.quit()
 
 
-def test_clipkit_serve_binds_localhost_and_stops_cleanly_on_sigterm(toy_index, tmp_path):
+def test_clipkit_serve_binds_localhost_and_sigterm_drains_a_request_in_flight(toy_index, tmp_path):
+    """A request whose body is half sent when SIGTERM arrives is still answered; new connections are
+    not taken; then the process exits 0."""
     folder, _ = toy_index
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "clipkit", "serve", str(folder), "--port", str(port)],
@@ -314,7 +400,23 @@ def test_clipkit_serve_binds_localhost_and_stops_cleanly_on_sigterm(toy_index, t
             time.sleep(0.2)
         with Client(url) as client:
             assert len(client.search(text="a red circle", k=3)) == 3  # one index: no name needed
+
+        body = json.dumps({"text": "a blue star", "k": 4}).encode()
+        in_flight = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        in_flight.putrequest("POST", "/search")
+        in_flight.putheader("content-type", "application/json")
+        in_flight.putheader("content-length", str(len(body)))
+        in_flight.endheaders()
+        in_flight.send(body[:9])
+        time.sleep(0.5)  # the server has the request's head: it is in flight
         process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert process.poll() is None, "the server exited with a request in flight"
+        with pytest.raises(httpx.TransportError):  # it takes no new connections while it drains
+            httpx.get(f"{url}/health", timeout=2)
+        in_flight.send(body[9:])
+        response = in_flight.getresponse()
+        assert response.status == 200 and len(json.loads(response.read())["hits"]) == 4
         stdout, stderr = process.communicate(timeout=60)
     finally:
         process.kill()

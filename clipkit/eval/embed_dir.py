@@ -1,8 +1,8 @@
 """``clipkit embed``: one modality of webdataset shards (or a folder of files) → an embeddings folder.
 
 The folder holds, per input shard (or per chunk of files), ``STEM.npy`` (N, D) float32 unit-norm
-vectors and ``STEM.jsonl`` (one metadata object per vector: key, source, caption(s) and the sample's
-own JSON fields), plus ``manifest.json``; ``clipkit index build`` reads it. A part's stem is its
+vectors and ``STEM.jsonl`` (one metadata object per vector: key, source, caption(s), the sample's
+own JSON fields and, for an uncompressed tar shard, where its media member lies: ``media``), plus ``manifest.json``; ``clipkit index build`` reads it. A part's stem is its
 shard's name plus a hash of the shard's full path, so two shards of one name in different folders
 are two parts. The manifest lists the parts written so far, with their vector counts, and the
 model's fingerprint: a run into a folder that holds parts keeps them and adds its own (the same
@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import random
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -32,6 +33,7 @@ from clipkit.eval.encoders import Encoder, encoder_device
 from clipkit.eval.layout import resolve_dataset
 from clipkit.modalities import FieldDecoder
 from retrieval.embeddings import MANIFEST_FILE, EmbeddingsManifest, read_manifest, write_embedding_shard, write_manifest
+from retrieval.media import media_members
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,22 @@ def _embed_part(encoder: Encoder, decoder: FieldDecoder, part: _Part, batch_size
     return (torch.cat(vectors) if vectors else None), records, failed
 
 
+def _record_media_offsets(shard: Path, records: list[dict[str, Any]]) -> None:
+    """Add where each record's media member lies in ``shard`` (``{"media": {"type", "offset",
+    "size"}}``), so that ``clipkit serve`` reads it back with one seek; a shard that cannot be listed
+    again leaves the records as they are (the service then lists it itself)."""
+    try:
+        members = media_members(shard)
+    except (tarfile.TarError, OSError) as err:
+        log.warning("%s: media offsets not recorded (%s)", shard, err)
+        return
+    for record in records:
+        found = members.get(record["key"])
+        if found is not None and "media" not in record:
+            kind, offset, size = found
+            record["media"] = {"type": kind, "offset": offset, "size": size}
+
+
 def _check_folder(existing: EmbeddingsManifest, out: Path, encoder: Encoder, modality: str, fingerprint: str) -> None:
     """Refuse to add vectors to a folder of another model's or modality's vectors."""
     if existing.modality != modality:
@@ -212,6 +230,8 @@ def embed_to_dir(encoder: Encoder, modality: str, dataset: str, out_dir: str | P
             continue
         features, records, bad = _embed_part(encoder, decoder, part, batch_size)
         failed += bad + part.lost_samples()
+        if part.reader is not None and is_local(part.source) and part.source.endswith(".tar"):
+            _record_media_offsets(Path(part.source), records)
         if features is None:
             log.warning("%s: no decodable %s sample; nothing written for it", part.source, modality)
             empty += 1
