@@ -384,11 +384,14 @@ def test_the_page_searches_in_a_real_browser(service, toy_index, toy_shards, tmp
 
 
 def test_clipkit_serve_binds_localhost_and_sigterm_drains_a_request_in_flight(toy_index, tmp_path):
-    """A request whose body is half sent when SIGTERM arrives is still answered; new connections are
-    not taken; then the process exits 0."""
-    folder, _ = toy_index
+    """The folder rebuilt is swapped in (keeping the model, which embedded it too). A request whose
+    body is half sent when SIGTERM arrives is still answered; new connections are not taken; then the
+    process exits 0."""
+    folder = tmp_path / "toy"
+    shutil.copytree(toy_index[0], folder)
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "clipkit", "serve", str(folder), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "clipkit", "serve", str(folder), "--port", str(port),
+                                "--watch", "0.2"],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -400,6 +403,15 @@ def test_clipkit_serve_binds_localhost_and_sigterm_drains_a_request_in_flight(to
             time.sleep(0.2)
         with Client(url) as client:
             assert len(client.search(text="a red circle", k=3)) == 3  # one index: no name needed
+            rebuilt = RetrievalIndex.load(folder)
+            rebuilt.remove([0, 1, 2])
+            rebuilt.save(folder)
+            deadline = time.monotonic() + 60
+            while client.indexes()[0]["vectors"] != len(rebuilt):
+                assert time.monotonic() < deadline, "the rebuilt folder was not swapped in"
+                time.sleep(0.1)
+            assert 0 not in {hit.id for hit in client.search(item=3, k=1000)}
+            assert len(client.search(text="a red circle", k=3)) == 3
 
         body = json.dumps({"text": "a blue star", "k": 4}).encode()
         in_flight = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -421,4 +433,5 @@ def test_clipkit_serve_binds_localhost_and_sigterm_drains_a_request_in_flight(to
     finally:
         process.kill()
     assert process.returncode == 0, stderr
-    assert f"serving on http://127.0.0.1:{port}" in stdout and "toy: " in stdout
+    assert f"serving on http://127.0.0.1:{port}" in stdout
+    assert stdout.count(f"toy: {len(rebuilt) + 3} × ") == stdout.count(f"toy: {len(rebuilt)} × ") == 1
