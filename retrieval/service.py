@@ -24,8 +24,9 @@ A rebuilt folder is swapped in whole, while the old version answers (:mod:`retri
 
 One worker thread answers every query and reads every item: indexes are opened on another thread
 (at start-up and on reload) but used by one thread at a time, and on a CPU one query's torch and
-FAISS kernels already use every core, so a second query in parallel would only slow the first down. Queries that arrive while it works are
-answered together as the next batch (:mod:`retrieval.query_batch`).
+FAISS kernels already use every core, so a second query in parallel would only slow the first down.
+Queries that arrive while it works are answered together as the next batch
+(:mod:`retrieval.query_batch`).
 """
 
 from __future__ import annotations
