@@ -213,6 +213,29 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_answering(service, to
         Client(service).search(text="x", index="nope")
 
 
+SKIMAGE_FILES = ("camera.png", "logo.png", "coffee.png", "horse.png", "rocket.jpg", "no_time_for_that_tiny.gif")
+
+
+def test_real_photographs_of_any_size_and_mode_are_answered_as_the_library_answers(service, toy_index):
+    """scikit-image's photographs as uploads: grey, RGBA, 1-bit, JPEG, an animated GIF, and a sliver
+    of 37 × 301 pixels; each answered 200 with the hits the library gives for the same bytes."""
+    import io
+
+    import skimage
+    from PIL import Image
+
+    folder, checkpoint = toy_index
+    index, model = RetrievalIndex.load(folder), load_encoder(str(checkpoint))
+    photos = {name: (Path(skimage.__file__).parent / "data" / name).read_bytes() for name in SKIMAGE_FILES}
+    sliver = io.BytesIO()
+    Image.open(io.BytesIO(photos["coffee.png"])).convert("RGB").crop((100, 50, 137, 351)).save(sliver, "JPEG")
+    photos["sliver.jpg"] = sliver.getvalue()
+    with Client(service) as client:
+        for name, data in photos.items():
+            hits = client.search(image=data, index="toy", k=5)
+            assert [hit.id for hit in hits] == [hit.id for hit in index.search_image(data, model, k=5)], name
+
+
 def test_metrics_give_seconds_per_stage(service):
     with Client(service) as client:
         client.search(text="a green star", index="toy", k=2)
