@@ -393,6 +393,13 @@ class RetrievalIndex:
         ``where`` keeps only vectors whose metadata has every ``field: value`` given, e.g.
         ``{"source": "shard-0003.tar"}``; a query still gets ``k`` hits when that many match.
         """
+        return self.hits(*self.search_ids(queries, k, where))
+
+    def search_ids(
+        self, queries: np.ndarray | torch.Tensor, k: int = 10, where: Mapping[str, FilterValue] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The FAISS half of :meth:`search_vectors`: (Q, k') scores and (Q, k') ids, k' ≤ ``k``, -1
+        where fewer vectors match; :meth:`hits` adds the metadata."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if (isinstance(queries, np.ndarray) or is_tensor(queries)) and queries.ndim == 1:
@@ -401,9 +408,12 @@ class RetrievalIndex:
         self._check_dim(array.shape[1], "queries")
         selector, available = self._selector(where)
         if available == 0 or len(array) == 0:
-            return [[] for _ in array]
+            return np.empty((len(array), 0), np.float32), np.empty((len(array), 0), np.int64)
         k_search = min(k, available)
-        scores, ids = search_index(self.index, array, k_search, self._knob, selector, k_search)
+        return search_index(self.index, array, k_search, self._knob, selector, k_search)
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        """(Q, k) scores and ids from :meth:`search_ids` → for each query its hits with their metadata."""
         metadata = self.store.get(np.unique(ids[ids >= 0]))
         return [
             [Hit(int(i), float(s), metadata[int(i)]) for s, i in zip(row_scores, row_ids) if i >= 0]

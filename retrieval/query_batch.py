@@ -52,7 +52,7 @@ class Query:
 @dataclass
 class Answer:
     hits: list[Hit]
-    seconds: dict[str, float]  # the batch's time per stage: "encode", "search"
+    seconds: dict[str, float]  # the batch's time per stage: "encode", "search", "metadata"
     batch: int  # queries answered together
 
 
@@ -96,15 +96,22 @@ def answer_batch(queries: list[Query], observe: Callable[[str, float], None]) ->
     groups: dict[tuple[int, str], list[int]] = {}
     for i in vectors:
         groups.setdefault((id(queries[i].index), json.dumps(queries[i].where, sort_keys=True)), []).append(i)
-    hits: dict[int, list[Hit]] = {}
+    found: list[tuple[list[int], np.ndarray, np.ndarray]] = []
     for positions in groups.values():
         first = queries[positions[0]]
-        found = first.index.search_vectors(np.stack([vectors[i] for i in positions]),
-                                           max(queries[i].k for i in positions), first.where)
-        hits.update((i, found_hits[: queries[i].k]) for i, found_hits in zip(positions, found))
+        found.append((positions, *first.index.search_ids(np.stack([vectors[i] for i in positions]),
+                                                         max(queries[i].k for i in positions), first.where)))
     search_seconds = time.perf_counter() - start
     observe("search", search_seconds)
-    seconds = {"encode": encode_seconds, "search": search_seconds}
+
+    start = time.perf_counter()
+    hits: dict[int, list[Hit]] = {}
+    for positions, scores, ids in found:
+        index = queries[positions[0]].index
+        hits.update((i, found_hits[: queries[i].k]) for i, found_hits in zip(positions, index.hits(scores, ids)))
+    metadata_seconds = time.perf_counter() - start
+    observe("metadata", metadata_seconds)
+    seconds = {"encode": encode_seconds, "search": search_seconds, "metadata": metadata_seconds}
     return [refused[i] if i in refused else Answer(hits[i], seconds, len(queries)) for i in range(len(queries))]
 
 

@@ -11,8 +11,8 @@
                                       ("item": an indexed item's id, "more like this")
     POST /search/image                multipart: the image file, with "index", "k" and "where" (JSON)
     POST /reload[?index=NAME]         swap in the current version of the index(es) in their folders
-    GET  /metrics                     Prometheus: requests by route and status, seconds per stage,
-                                      reloads
+    GET  /metrics                     Prometheus: requests by route and status, seconds per stage
+                                      (encode, search, metadata, media), reloads
 
 A bad request gets a 4xx whose ``detail`` says what to fix: 400 for a query the index cannot answer
 (wrong vector dimension, an undecodable image, text on an index served without a model), 404 for an
@@ -175,7 +175,14 @@ def create_app(sources: Mapping[str, IndexSource], watch_seconds: float = 0.0) -
     @app.get("/indexes/{name}/items/{item_id}")
     async def item(name: str, item_id: int) -> dict[str, Any]:
         _, entry = chosen(name)
-        found = await on_worker(entry.index.store.get, [item_id])
+        def read() -> dict[int, dict[str, Any]]:
+            start = time.perf_counter()
+            try:
+                return entry.index.store.get([item_id])
+            finally:
+                metrics.observe_stage("metadata", time.perf_counter() - start)
+
+        found = await on_worker(read)
         if item_id not in found:
             raise HTTPException(404, f"index {name!r} has no item {item_id}")
         return {"id": item_id, "metadata": found[item_id]}

@@ -243,7 +243,7 @@ def test_metrics_give_seconds_per_stage(service):
     metrics = httpx.get(f"{service}/metrics").text
     counts = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
               for line in metrics.splitlines() if line.startswith("clipkit_serve_stage_seconds_count")}
-    assert counts['stage="encode"'] >= 2 and counts['stage="search"'] >= 2
+    assert counts['stage="encode"'] >= 2 and counts['stage="search"'] >= 2 and counts['stage="metadata"'] >= 2
     assert 'clipkit_serve_requests_total{route="/search",status="200"}' in metrics
 
 
