@@ -21,6 +21,7 @@ import numpy as np
 from retrieval.index import Hit, RetrievalIndex
 from retrieval.kinds import AUTO, KINDS
 from retrieval.memory import format_bytes
+from retrieval.served import IndexSource, ServedIndex
 
 
 def add_index_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -172,10 +173,10 @@ def cmd_search(args: argparse.Namespace) -> None:
             print(f"  {rank:>3}. {hit.score:.4f}  id {hit.id}  {json.dumps(hit.metadata, ensure_ascii=False)}")
 
 
-def _index_opener(directory: Path, args: argparse.Namespace) -> Callable[[Any], Any]:
+def _index_opener(name: str, directory: Path, args: argparse.Namespace
+                  ) -> Callable[[ServedIndex | None], ServedIndex]:
     """``open(served)`` for ``clipkit serve``: the folder's current index, with its model (the one
     served before when the new version was embedded by the same weights)."""
-    from retrieval.served import ServedIndex
 
     def open_version(served: ServedIndex | None) -> ServedIndex:
         index = RetrievalIndex.load(directory, mmap=True)
@@ -185,7 +186,7 @@ def _index_opener(directory: Path, args: argparse.Namespace) -> Callable[[Any], 
             before = served.index.manifest.model_fingerprint if served is not None and served.model else None
             keep = before is not None and before == manifest.model_fingerprint
             model = served.model if keep else _load_model(args.model, args.pretrained, args.device, index, directory)
-        print(f"{directory.resolve().name}: {len(index):,} × {index.dim} vectors ({index.kind}, built "
+        print(f"{name}: {len(index):,} × {index.dim} vectors ({index.kind}, built "
               f"{manifest.created})" + ("" if model is not None else "; no model recorded, so vector and item "
                                         "queries only"), flush=True)
         return ServedIndex(index, model)
@@ -196,7 +197,6 @@ def _index_opener(directory: Path, args: argparse.Namespace) -> Callable[[Any], 
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from retrieval.served import IndexSource
     from retrieval.service import create_app
 
     if args.watch < 0:
@@ -205,7 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     names = [directory.resolve().name for directory in directories]
     if len(set(names)) != len(names):
         raise ValueError(f"indexes are served under their folder names, and these repeat: {names}")
-    app = create_app({name: IndexSource(_index_opener(directory, args), directory)
+    app = create_app({name: IndexSource(_index_opener(name, directory, args), directory)
                       for name, directory in zip(names, directories)}, watch_seconds=args.watch)
     print(f"serving on http://{args.host}:{args.port} (API docs at /docs; Ctrl-C or SIGTERM stops it)", flush=True)
     # uvicorn drains the requests in flight on SIGTERM, then raises the signal again once its own
