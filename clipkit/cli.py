@@ -116,6 +116,18 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     _print_report(report, args.output)
 
 
+def cmd_eval_knn(args: argparse.Namespace) -> None:
+    from clipkit.eval.knn import evaluate_knn
+
+    report = evaluate_knn(
+        _encoder(args), args.train_dataset, args.dataset, modality=args.modality, k=args.k,
+        temperature=args.temperature, shots=args.shots, draws=args.draws, seed=args.seed,
+        classnames_file=args.classnames, train_split=args.train_split, split=args.split, path_col=args.path_col,
+        label_col=args.label_col, batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress,
+    )
+    _print_report(report, args.output)
+
+
 def cmd_embed(args: argparse.Namespace) -> None:
     from clipkit.eval.embed_dir import embed_to_dir
 
@@ -309,6 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--caption-col", help="CSV column with the caption (default: caption / text)")
     _add_eval_io_args(retrieval)
     retrieval.set_defaults(func=cmd_eval_retrieval)
+
+    knn = evaluate.add_parser("knn", help="weighted k-NN classification on frozen features (DINO's), with "
+                              "all the training labels or a few per class (--shots)")
+    _add_model_args(knn)
+    _add_dataset_arg(knn, "the labelled samples to classify, as `clipkit eval zeroshot` reads them")
+    knn.add_argument("--train-dataset", required=True, help="the labelled samples whose features vote (the "
+                     "same kinds of dataset; a CLIP_benchmark folder may be the --dataset one)")
+    knn.add_argument("--train-split", default="train", help="with a CLIP_benchmark dataset folder, the split "
+                     "of --train-dataset to read (default: train)")
+    knn.add_argument("--classnames", help="one class name per line, in class-index order, for both datasets "
+                     "(default: read from each, as `clipkit eval zeroshot` does)")
+    knn.add_argument("--label-col", help="CSV column with the label (default: label / class / cls)")
+    knn.add_argument("--k", type=int, default=20, help="neighbours that vote (default: 20, DINO's)")
+    knn.add_argument("--temperature", type=float, default=0.07,
+                     help="a neighbour's vote is exp(cosine / temperature) (default: 0.07, DINO's)")
+    knn.add_argument("--shots", type=int, nargs="+", default=[], metavar="N",
+                     help="also classify with only N training samples per class, e.g. --shots 1 4 16")
+    knn.add_argument("--draws", type=int, default=5, help="random draws per --shots count (default: 5)")
+    knn.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    _add_eval_io_args(knn)
+    knn.set_defaults(func=cmd_eval_knn)
 
     embed = sub.add_parser("embed", help="embed one modality of shards or a folder of files for `clipkit index build`")
     _add_model_args(embed)

@@ -1,0 +1,122 @@
+"""``clipkit eval knn``: how well frozen features classify by their nearest labelled neighbours, with
+all the labels or only a few per class (``--shots``: the semi-supervised setting).
+
+The classifier is DINO's weighted k-NN (Caron et al., 2021, ``eval_knn.py``): each of a test sample's
+``k`` most similar training features (cosine) votes for its class with weight ``exp(similarity / T)``;
+k = 20 and T = 0.07 are DINO's defaults. With ``shots`` = n, each of ``draws`` random draws keeps n
+training samples per class, and the report gives the mean and standard deviation over the draws.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from clipkit.data.classes import read_classnames
+from clipkit.eval.benchmark import EvalReport
+from clipkit.eval.datasets import classification_data
+from clipkit.eval.embed import Embedded, embed_batches
+from clipkit.eval.encoders import Encoder
+from clipkit.eval.metrics import classification_metrics
+
+DEFAULT_K = 20
+DEFAULT_TEMPERATURE = 0.07
+DEFAULT_DRAWS = 5
+CHUNK = 1024  # test samples per similarity block: (CHUNK, N) floats at a time
+
+
+def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+               num_classes: int, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
+    """(M, C) class votes of (M, D) test features from (N, D) training features with (N,) labels;
+    all features unit-norm. k above N counts as N."""
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k must be ≥ 1 and the temperature > 0, got k={k}, temperature={temperature}")
+    k = min(k, len(train_features))
+    votes = torch.zeros(len(test_features), num_classes)
+    for start in range(0, len(test_features), CHUNK):
+        similarity = test_features[start:start + CHUNK] @ train_features.T
+        top, at = similarity.topk(k, dim=1)
+        votes[start:start + CHUNK].scatter_add_(1, train_labels[at], (top / temperature).exp())
+    return votes
+
+
+def sample_shots(labels: torch.Tensor, shots: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Ascending indices of ``shots`` samples of each class, drawn at random without replacement.
+    Raises ``ValueError`` naming the classes with fewer samples than that."""
+    chosen, short = [], []
+    for cls in range(num_classes):
+        members = torch.nonzero(labels == cls).flatten()
+        if len(members) < shots:
+            short.append(f"{cls} ({len(members)})")
+            continue
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    if short:
+        raise ValueError(f"{shots}-shot draws need {shots} training samples of every class; these classes have "
+                         f"fewer: {', '.join(short)}")
+    return torch.cat(chosen).sort().values
+
+
+def _labelled(encoder: Encoder, dataset: str, modality: str, classnames: list[str] | None, split: str,
+              batch_size: int, num_workers: int, progress: bool, columns: dict[str, str | None]
+              ) -> tuple[Embedded, list[str]]:
+    data = classification_data(dataset, encoder.eval_decoder(modality), classnames=classnames,
+                               batch_size=batch_size, num_workers=num_workers, split=split, **columns)
+    embedded = embed_batches(encoder, modality, data.batches, keep=["label"], progress=progress)
+    labels = embedded.fields["label"]
+    if int(labels.min()) < 0 or int(labels.max()) >= len(data.classnames):
+        raise ValueError(f"{dataset}: labels run from {int(labels.min())} to {int(labels.max())} but there are "
+                         f"only {len(data.classnames)} class names")
+    return embedded, data.classnames
+
+
+def _accuracies(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float | None]:
+    result = classification_metrics(scores, labels, ks=(1, 5))
+    return {"acc1": result.topk[1], "acc5": result.topk[5] if num_classes >= 5 else None,
+            "mean_per_class_recall": result.mean_per_class_recall}
+
+
+def evaluate_knn(
+    encoder: Encoder, train_dataset: str, test_dataset: str, *, modality: str = "image", k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE, shots: Sequence[int] = (), draws: int = DEFAULT_DRAWS,
+    seed: int = 0, classnames_file: str | Path | None = None, train_split: str = "train", split: str = "test",
+    path_col: str | None = None, label_col: str | None = None, batch_size: int = 256, num_workers: int = 0,
+    progress: bool = False,
+) -> EvalReport:
+    """Weighted k-NN of ``test_dataset``'s samples among ``train_dataset``'s (both labelled datasets of
+    one class list, read as ``clipkit eval zeroshot`` reads them), with every training label and with
+    each ``shots`` count per class (``draws`` draws from ``seed``)."""
+    if any(n < 1 for n in shots) or draws < 1:
+        raise ValueError(f"--shots takes counts ≥ 1 and --draws ≥ 1, got {list(shots)} and {draws}")
+    start = time.perf_counter()
+    classnames = read_classnames(Path(classnames_file)) if classnames_file else None
+    columns = {"path_col": path_col, "label_col": label_col}
+    train, train_names = _labelled(encoder, train_dataset, modality, classnames, train_split, batch_size,
+                                   num_workers, progress, columns)
+    test, test_names = _labelled(encoder, test_dataset, modality, classnames, split, batch_size, num_workers,
+                                 progress, columns)
+    if train_names != test_names:
+        raise ValueError(f"the training and test sets name their classes differently ({len(train_names)} and "
+                         f"{len(test_names)} classes): give both one class list with --classnames")
+    num_classes = len(train_names)
+    train_labels, test_labels = train.fields["label"].long(), test.fields["label"].long()
+
+    def accuracies(rows: torch.Tensor) -> dict[str, float | None]:
+        votes = knn_scores(train.features[rows], train_labels[rows], test.features, num_classes, k, temperature)
+        return _accuracies(votes, test_labels, num_classes)
+
+    metrics: dict[str, Any] = accuracies(torch.arange(len(train_labels)))
+    generator = torch.Generator().manual_seed(seed)
+    for n in shots:
+        acc1 = torch.tensor([accuracies(sample_shots(train_labels, n, num_classes, generator))["acc1"]
+                             for _ in range(draws)], dtype=torch.float64)
+        metrics[f"{n}_shot_acc1_mean"] = acc1.mean().item()
+        metrics[f"{n}_shot_acc1_std"] = acc1.std(unbiased=False).item()
+        metrics[f"{n}_shot_acc1_draws"] = acc1.tolist()
+    # A string, so that the table does not print it as a percentage as it does the other floats.
+    details = {"classes": num_classes, "train_samples": len(train_labels), "k": k, "temperature": f"{temperature:g}",
+               "draws": draws if shots else 0, "chance": 1 / num_classes}
+    return EvalReport("knn_classification", encoder.name, test_dataset, modality, metrics, len(test_labels),
+                      train.num_skipped + test.num_skipped, time.perf_counter() - start, details)
