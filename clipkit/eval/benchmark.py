@@ -18,7 +18,7 @@ import torch
 from clipkit.eval.classifier_cache import ClassifierCache
 from clipkit.eval.confusion import confusion_matrix, save_confusion_png
 from clipkit.data.classes import read_classnames
-from clipkit.eval.datasets import classification_data, retrieval_batches
+from clipkit.eval.datasets import check_label_range, classification_data, retrieval_batches
 from clipkit.eval.embed import embed_batches, embed_texts
 from clipkit.eval.encoders import Encoder
 from clipkit.eval.layout import CLASSNAMES_FILE, TEMPLATES_FILE, resolve_dataset
@@ -77,15 +77,19 @@ def zeroshot_metrics(
     """Zero-shot metrics of unit-norm features (N, D) with labels (N,), and the scores (N, C) behind them."""
     classifier = build_zeroshot_classifier(encoder, classnames, templates, batch_size, cache)
     scores = features @ classifier
+    return classification_report(scores, labels, classnames), scores
+
+
+def classification_report(scores: torch.Tensor, labels: torch.Tensor, classnames: list[str]) -> dict[str, Any]:
+    """acc1, acc5, mean and per-class recall of class scores (N, C) against labels (N,), by CLIP_benchmark's names."""
     result = classification_metrics(scores, labels, ks=(1, 5))
-    metrics = {
+    return {
         "acc1": result.topk[1],
         # CLIP_benchmark reports no top-5 accuracy (NaN) below 5 classes, where every sample would hit.
         "acc5": result.topk[5] if len(classnames) >= 5 else None,
         "mean_per_class_recall": result.mean_per_class_recall,
         "per_class_recall": dict(zip(unique_names(classnames), result.per_class_recall)),
     }
-    return metrics, scores
 
 
 def retrieval_metrics(encoder: Encoder, features: torch.Tensor, captions: list[list[str]], modality: str,
@@ -133,9 +137,7 @@ def evaluate_zeroshot(
     embedded = embed_batches(encoder, modality, data.batches, keep=["label"], progress=progress)
     labels = embedded.fields["label"]
     num_classes = len(data.classnames)
-    if int(labels.max()) >= num_classes or int(labels.min()) < 0:
-        raise ValueError(f"labels run from {int(labels.min())} to {int(labels.max())} but there are only "
-                         f"{num_classes} class names (from {classnames_file or layout.side_file(CLASSNAMES_FILE)})")
+    check_label_range(labels, num_classes, f"from {classnames_file or layout.side_file(CLASSNAMES_FILE)}")
     metrics, scores = zeroshot_metrics(encoder, embedded.features, labels, data.classnames, template_list,
                                        batch_size, cache)
     details: dict[str, Any] = {"classes": num_classes, "templates": len(template_list),

@@ -110,6 +110,14 @@ class ClassificationData:
     source: str
 
 
+def check_label_range(labels: torch.Tensor, num_classes: int, names_from: str) -> None:
+    """Raise ``ValueError`` when a label (N,) has no class name among ``num_classes`` (``names_from``
+    says where the names came from)."""
+    if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+        raise ValueError(f"labels run from {int(labels.min())} to {int(labels.max())} but there are only "
+                         f"{num_classes} class names ({names_from})")
+
+
 def _csv_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")

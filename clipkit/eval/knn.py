@@ -16,11 +16,10 @@ from typing import Any, Sequence
 import torch
 
 from clipkit.data.classes import read_classnames
-from clipkit.eval.benchmark import EvalReport
-from clipkit.eval.datasets import classification_data
+from clipkit.eval.benchmark import EvalReport, classification_report
+from clipkit.eval.datasets import check_label_range, classification_data
 from clipkit.eval.embed import Embedded, embed_batches
 from clipkit.eval.encoders import Encoder
-from clipkit.eval.metrics import classification_metrics
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -65,17 +64,8 @@ def _labelled(encoder: Encoder, dataset: str, modality: str, classnames: list[st
     data = classification_data(dataset, encoder.eval_decoder(modality), classnames=classnames,
                                batch_size=batch_size, num_workers=num_workers, split=split, **columns)
     embedded = embed_batches(encoder, modality, data.batches, keep=["label"], progress=progress)
-    labels = embedded.fields["label"]
-    if int(labels.min()) < 0 or int(labels.max()) >= len(data.classnames):
-        raise ValueError(f"{dataset}: labels run from {int(labels.min())} to {int(labels.max())} but there are "
-                         f"only {len(data.classnames)} class names")
+    check_label_range(embedded.fields["label"], len(data.classnames), f"of {dataset}")
     return embedded, data.classnames
-
-
-def _accuracies(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float | None]:
-    result = classification_metrics(scores, labels, ks=(1, 5))
-    return {"acc1": result.topk[1], "acc5": result.topk[5] if num_classes >= 5 else None,
-            "mean_per_class_recall": result.mean_per_class_recall}
 
 
 def evaluate_knn(
@@ -103,9 +93,9 @@ def evaluate_knn(
     num_classes = len(train_names)
     train_labels, test_labels = train.fields["label"].long(), test.fields["label"].long()
 
-    def accuracies(rows: torch.Tensor) -> dict[str, float | None]:
+    def accuracies(rows: torch.Tensor) -> dict[str, Any]:
         votes = knn_scores(train.features[rows], train_labels[rows], test.features, num_classes, k, temperature)
-        return _accuracies(votes, test_labels, num_classes)
+        return classification_report(votes, test_labels, train_names)
 
     metrics: dict[str, Any] = accuracies(torch.arange(len(train_labels)))
     generator = torch.Generator().manual_seed(seed)
