@@ -111,8 +111,7 @@ class ServedIndexes(Mapping[str, ServedIndex]):
                 if stamp is None or stamp == self._stamps[name] or stamp == self._refused.get(name, ()):
                     continue
                 try:
-                    await self.reload(name)
-                    log.warning("index %r: swapped in the new version in %s", name, source.directory)
+                    await self.reload(name)  # the source's opener says what it opened
                 except ReloadFailed as err:
                     log.warning("%s", err)
 

@@ -127,8 +127,16 @@ def create_app(sources: Mapping[str, IndexSource], watch_seconds: float = 0.0) -
 
     app = FastAPI(title="clipkit search", description="kNN search over clipkit indexes", lifespan=lifespan)
 
-    async def on_worker(function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(worker, function, *args)
+    async def on_worker(stage: str, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the worker thread, its seconds observed as ``stage``."""
+        def timed() -> T:
+            start = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                metrics.observe_stage(stage, time.perf_counter() - start)
+
+        return await asyncio.get_running_loop().run_in_executor(worker, timed)
 
     def chosen(name: str | None) -> tuple[str, ServedIndex]:
         if name is None:
@@ -175,14 +183,7 @@ def create_app(sources: Mapping[str, IndexSource], watch_seconds: float = 0.0) -
     @app.get("/indexes/{name}/items/{item_id}")
     async def item(name: str, item_id: int) -> dict[str, Any]:
         _, entry = chosen(name)
-        def read() -> dict[int, dict[str, Any]]:
-            start = time.perf_counter()
-            try:
-                return entry.index.store.get([item_id])
-            finally:
-                metrics.observe_stage("metadata", time.perf_counter() - start)
-
-        found = await on_worker(read)
+        found = await on_worker("metadata", entry.index.store.get, [item_id])
         if item_id not in found:
             raise HTTPException(404, f"index {name!r} has no item {item_id}")
         return {"id": item_id, "metadata": found[item_id]}
@@ -195,16 +196,12 @@ def create_app(sources: Mapping[str, IndexSource], watch_seconds: float = 0.0) -
         found = await item(name, item_id)
 
         def read() -> tuple[bytes, str]:
-            start = time.perf_counter()
-            try:
-                if frame is not None:
-                    return media_reader.frame(found["metadata"], frame), "image/jpeg"
-                return media_reader.read(found["metadata"])
-            finally:
-                metrics.observe_stage("media", time.perf_counter() - start)
+            if frame is not None:
+                return media_reader.frame(found["metadata"], frame), "image/jpeg"
+            return media_reader.read(found["metadata"])
 
         try:
-            data, media_type = await on_worker(read)
+            data, media_type = await on_worker("media", read)
         except MediaNotFound as err:
             raise HTTPException(404, f"item {item_id} of {name!r}: {err}") from None
         except NotAVideo as err:
