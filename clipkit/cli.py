@@ -128,6 +128,20 @@ def cmd_eval_knn(args: argparse.Namespace) -> None:
     _print_report(report, args.output)
 
 
+def cmd_eval_linear_probe(args: argparse.Namespace) -> None:
+    from clipkit.eval.linear_probe import ProbeSettings, evaluate_linear_probe
+
+    settings = ProbeSettings(lr=args.lr, epochs=args.epochs, batch_size=args.probe_batch_size, seed=args.seed)
+    report = evaluate_linear_probe(
+        _encoder(args), args.train_dataset, args.dataset, modality=args.modality, val_dataset=args.val_dataset,
+        val_split=args.val_split, val_proportion=args.val_proportion, settings=settings, shots=args.shots,
+        draws=args.draws, classnames_file=args.classnames, train_split=args.train_split, split=args.split,
+        path_col=args.path_col, label_col=args.label_col, batch_size=args.batch_size, num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    _print_report(report, args.output)
+
+
 def cmd_embed(args: argparse.Namespace) -> None:
     from clipkit.eval.embed_dir import embed_to_dir
 
@@ -236,6 +250,24 @@ def _add_eval_io_args(parser: argparse.ArgumentParser) -> None:
     _add_progress_arg(parser)
 
 
+def _add_labelled_args(parser: argparse.ArgumentParser, train_what: str) -> None:
+    """The arguments of the evaluations that learn from labelled samples (k-NN, linear probe)."""
+    _add_model_args(parser)
+    _add_dataset_arg(parser, "the labelled samples to classify, as `clipkit eval zeroshot` reads them")
+    parser.add_argument("--train-dataset", required=True, help=f"{train_what} (the same kinds of dataset; a "
+                        "CLIP_benchmark folder may be the --dataset one)")
+    parser.add_argument("--train-split", default="train", help="with a CLIP_benchmark dataset folder, the split "
+                        "of --train-dataset to read (default: train)")
+    parser.add_argument("--classnames", help="one class name per line, in class-index order, for every dataset "
+                        "(default: read from each, as `clipkit eval zeroshot` does)")
+    parser.add_argument("--label-col", help="CSV column with the label (default: label / class / cls)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[], metavar="N",
+                        help="also classify with only N training samples per class, e.g. --shots 1 4 16")
+    parser.add_argument("--draws", type=int, default=5, help="random draws per --shots count (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (and of the probe) (default: 0)")
+    _add_eval_io_args(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
@@ -324,24 +356,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     knn = evaluate.add_parser("knn", help="weighted k-NN classification on frozen features (DINO's), with "
                               "all the training labels or a few per class (--shots)")
-    _add_model_args(knn)
-    _add_dataset_arg(knn, "the labelled samples to classify, as `clipkit eval zeroshot` reads them")
-    knn.add_argument("--train-dataset", required=True, help="the labelled samples whose features vote (the "
-                     "same kinds of dataset; a CLIP_benchmark folder may be the --dataset one)")
-    knn.add_argument("--train-split", default="train", help="with a CLIP_benchmark dataset folder, the split "
-                     "of --train-dataset to read (default: train)")
-    knn.add_argument("--classnames", help="one class name per line, in class-index order, for both datasets "
-                     "(default: read from each, as `clipkit eval zeroshot` does)")
-    knn.add_argument("--label-col", help="CSV column with the label (default: label / class / cls)")
+    _add_labelled_args(knn, "the labelled samples whose features vote")
     knn.add_argument("--k", type=int, default=20, help="neighbours that vote (default: 20, DINO's)")
     knn.add_argument("--temperature", type=float, default=0.07,
                      help="a neighbour's vote is exp(cosine / temperature) (default: 0.07, DINO's)")
-    knn.add_argument("--shots", type=int, nargs="+", default=[], metavar="N",
-                     help="also classify with only N training samples per class, e.g. --shots 1 4 16")
-    knn.add_argument("--draws", type=int, default=5, help="random draws per --shots count (default: 5)")
-    knn.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
-    _add_eval_io_args(knn)
     knn.set_defaults(func=cmd_eval_knn)
+
+    probe = evaluate.add_parser("linear-probe", help="logistic regression on frozen features by CLIP_benchmark's "
+                                "protocol (weight-decay sweep on a validation split), with all labels or --shots")
+    _add_labelled_args(probe, "the labelled samples the probe learns from")
+    probe.add_argument("--val-dataset", help="labelled samples that choose the weight decay (default: "
+                       "--val-proportion of --train-dataset, held out)")
+    probe.add_argument("--val-split", default="val", help="with a CLIP_benchmark dataset folder, the split of "
+                       "--val-dataset to read (default: val)")
+    probe.add_argument("--val-proportion", type=float, default=0.2, help="without --val-dataset, the share of "
+                       "--train-dataset held out to choose the weight decay; 0: no sweep, no decay (default: 0.2)")
+    probe.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate (default: 0.1, CLIP_benchmark's)")
+    probe.add_argument("--epochs", type=int, default=10, help="passes over the features per probe (default: 10)")
+    probe.add_argument("--probe-batch-size", type=int, default=64, help="features per probe step (default: 64)")
+    probe.set_defaults(func=cmd_eval_linear_probe)
 
     embed = sub.add_parser("embed", help="embed one modality of shards or a folder of files for `clipkit index build`")
     _add_model_args(embed)

@@ -164,12 +164,61 @@ class OpenClipConfig:
     lock_text_unlocked_layers: int = 0
 
 
+# What training learns from (clipkit.methods): "clip" aligns two modalities; "slip" adds a SimCLR loss on
+# views of the image; the others learn an image tower from views of the image alone.
+IMAGE_ONLY_METHODS = ("simclr", "moco", "byol", "simsiam")
+METHODS = ("clip", "slip", *IMAGE_ONLY_METHODS)
+
+
+@dataclass
+class SelfSupervisedConfig:
+    """The views and heads of the self-supervised methods. The heads sit on the image tower's embedding
+    (``embed_dim``); they train with it and are kept in checkpoints, but evaluation embeds with the
+    tower alone."""
+
+    # Augmented views of each image (data.views says how they are augmented); the losses average over
+    # every pair of them.
+    views: int = 2
+
+    # Projector: embed_dim → hidden_dim → … → projection_dim, BatchNorm and ReLU after each hidden
+    # layer (SimCLR and BYOL: 2 layers; SimSiam and MoCo v3: 3).
+    projector_layers: int = 2
+    hidden_dim: int = 2048
+    projection_dim: int = 256
+    # Predictor of BYOL, SimSiam and MoCo v3: projection_dim → predictor_hidden_dim → projection_dim.
+    predictor_hidden_dim: int = 512
+    # Softmax temperature of SimCLR's NT-Xent (and SLIP's) and of MoCo v3. Unset: the paper's, 0.1 for
+    # SimCLR and SLIP, 0.2 for MoCo v3.
+    temperature: float | None = None
+    # The momentum target's EMA rate at the first step, rising to 1 on a cosine over the run (BYOL, MoCo
+    # v3). Unset: the paper's, 0.996 for BYOL, 0.99 for MoCo v3.
+    base_momentum: float | None = None
+    # SLIP: the loss is the image–text loss + slip_weight × the SimCLR loss on the image's views.
+    slip_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(
+            ("views", self.views >= 2, "must be at least 2"),
+            ("projector_layers", self.projector_layers >= 1, "must be at least 1"),
+            ("hidden_dim", self.hidden_dim >= 1, "must be at least 1"),
+            ("projection_dim", self.projection_dim >= 1, "must be at least 1"),
+            ("predictor_hidden_dim", self.predictor_hidden_dim >= 1, "must be at least 1"),
+            ("temperature", self.temperature is None or self.temperature > 0, "must be positive"),
+            ("base_momentum", self.base_momentum is None or 0 <= self.base_momentum < 1, "must be in [0, 1)"),
+            ("slip_weight", self.slip_weight > 0, "must be positive"),
+        )
+
+
 @dataclass
 class ModelConfig:
     embed_dim: int = 512
     # One tower each. Training aligns the first two (any pair: image-text, audio-text, video-text,
-    # image-audio); further towers are carried along for evaluation, e.g. a locked text tower.
+    # image-audio); further towers are carried along for evaluation, e.g. a locked text tower. The
+    # image-only methods (simclr, moco, byol, simsiam) have the one tower [image].
     modalities: tuple[str, ...] = ("image", "text")
+    # clip, slip, simclr, moco (v3), byol or simsiam: see clipkit.methods.
+    method: Literal["clip", "slip", "simclr", "moco", "byol", "simsiam"] = "clip"
+    ssl: SelfSupervisedConfig = field(default_factory=SelfSupervisedConfig)
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
@@ -189,9 +238,19 @@ class ModelConfig:
     open_clip: OpenClipConfig | None = None
 
     def __post_init__(self) -> None:
+        image_only = self.method in IMAGE_ONLY_METHODS
         _check(
             ("embed_dim", self.embed_dim >= 1, "must be at least 1"),
-            ("modalities", len(set(self.modalities)) >= 2, "needs at least two distinct modalities"),
+            ("modalities", image_only or len(set(self.modalities)) >= 2, "needs at least two distinct modalities"),
+            ("modalities", not image_only or tuple(self.modalities) == ("image",),
+             f"must be [image] with method {self.method} (it learns an image tower from views of the image "
+             f"alone), got {list(self.modalities)}"),
+            ("modalities", self.method != "slip" or self.modalities[0] == "image",
+             f"must start with image with method slip (its SimCLR loss is on the image), got {list(self.modalities)}"),
+            ("loss", not image_only or self.loss == "infonce",
+             f"is the image-text loss; method {self.method} has its own and takes no model.loss"),
+            ("open_clip", not image_only or self.open_clip is None,
+             f"brings image and text towers; method {self.method} trains an image tower alone"),
             ("init_logit_scale", 0 < self.initial_logit_scale <= self.max_logit_scale,
              "must be positive and at most max_logit_scale"),
         )
@@ -248,6 +307,36 @@ class AugmentConfig:
 
 
 @dataclass
+class ViewsConfig:
+    """The independently augmented views of each image that the self-supervised methods (and SLIP)
+    compare (model.ssl.views of them): SimCLR's and BYOL's augmentations, every draw from the sample's
+    seeded generator."""
+
+    # Random resized crop down to 8% of the area, then a horizontal flip half the time.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    horizontal_flip: bool = True
+    # Colour jitter (brightness, contrast, saturation, hue; in random order) with probability color_jitter_p.
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    # Gaussian blur with sigma in [0.1, 2.0] pixels.
+    blur_p: float = 0.5
+    # Pixels above 128 inverted.
+    solarize_p: float = 0.1
+
+    def __post_init__(self) -> None:
+        low, high = self.crop_scale
+        brightness, contrast, saturation, hue = self.color_jitter
+        _check(
+            ("crop_scale", 0 < low <= high <= 1, "must be [low, high] with 0 < low <= high <= 1"),
+            ("color_jitter", min(brightness, contrast, saturation) >= 0 and 0 <= hue <= 0.5,
+             "must be four non-negative strengths, the hue's at most 0.5"),
+            *((key, 0 <= getattr(self, key) <= 1, "must be a probability in [0, 1]")
+              for key in ("color_jitter_p", "grayscale_p", "blur_p", "solarize_p")),
+        )
+
+
+@dataclass
 class DataConfig:
     # Brace-expandable shard patterns, e.g. "shards/train-{000000..000099}.tar"; several sources are
     # joined with "::", e.g. "a/train-{000..099}.tar::b/train-{000..009}.tar".
@@ -282,6 +371,8 @@ class DataConfig:
     # undecodable or incomplete: a dataset that bad is broken, not noisy.
     max_skip_fraction: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The views of model.method simclr, moco, byol, simsiam and slip.
+    views: ViewsConfig = field(default_factory=ViewsConfig)
 
     def __post_init__(self) -> None:
         weights = self.train_data_weights

@@ -98,6 +98,34 @@ class SigLIPLoss(nn.Module):
         return -F.logsigmoid(signs * logits).sum()
 
 
+class NTXentLoss(nn.Module):
+    """SimCLR's normalised-temperature cross-entropy over the 2N views of the global batch.
+
+    Row i of ``views_a`` and of ``views_b`` are two views of image i. Each of the 2N views is scored
+    against the other 2N − 1 views of the global batch (cosine / temperature); its positive is the
+    other view of its image, every other view a negative. Each rank scores its own 2B views against
+    all 2N, gathered with autograd, and averages over them: after DDP's averaging, the mean over all
+    2N, as one process computes it.
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, views_a: torch.Tensor, views_b: torch.Tensor) -> torch.Tensor:
+        """Unit-norm views (B, D) each → scalar loss."""
+        rank = rank_and_world()[0]
+        size = len(views_a)
+        candidates = torch.cat([gather_with_grad(views_a), gather_with_grad(views_b)])  # (2N, D)
+        logits = torch.cat([views_a, views_b]) @ candidates.T / self.temperature  # (2B, 2N)
+        total = len(candidates) // 2
+        own = torch.arange(size, device=views_a.device) + rank * size
+        rows = torch.arange(2 * size, device=views_a.device)
+        itself = torch.zeros_like(logits, dtype=torch.bool)
+        itself[rows, torch.cat([own, own + total])] = True
+        return F.cross_entropy(logits.masked_fill(itself, float("-inf")), torch.cat([own + total, own]))
+
+
 def build_loss(name: str, *, local_loss: bool = False, across_ranks: bool = True) -> nn.Module:
     """The loss named by ``model.loss``; ``local_loss`` applies to InfoNCE. With ``across_ranks``
     false the loss sees only the features it is given (one process's evaluation of gathered features)."""

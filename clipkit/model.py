@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.checkpoint_file import load_checkpoint
-from clipkit.config import ConfigError, ModelConfig
+from clipkit.config import IMAGE_ONLY_METHODS, ConfigError, ModelConfig
 from clipkit.fingerprint import weights_fingerprint
+from clipkit.methods import build_heads
 from clipkit.openclip.factory import architecture_config
 from clipkit.openclip.towers import open_clip_parts
 from clipkit.modalities import FieldDecoder, get_modality
@@ -24,12 +26,14 @@ OPEN_CLIP_LOCK_KEYS = ("lock_image_unlocked_groups", "lock_text_unlocked_layers"
 
 
 class ContrastiveModel(nn.Module):
-    """Towers keyed by modality name, each ending in a projection to ``embed_dim``.
+    """Towers keyed by modality name, each ending in a projection to ``embed_dim``, and the heads of
+    the training method (``model.method``: :mod:`clipkit.methods`) on top of them.
 
     ``logit_scale`` holds log(1 / temperature); it starts at log(``config.initial_logit_scale``) and
     is clamped to log(max_logit_scale) after every optimizer step (see :meth:`clamp_logit_scale_`).
     ``logit_bias`` is SigLIP's learnable bias (None for InfoNCE). ``name`` identifies the model in
-    evaluation reports and index manifests (the checkpoint path once loaded from one).
+    evaluation reports and index manifests (the checkpoint path once loaded from one). The image-only
+    methods learn no temperature: their ``logit_scale`` stays as built and takes no gradient.
     """
 
     name: str = "clipkit"
@@ -38,7 +42,8 @@ class ContrastiveModel(nn.Module):
         """``load_weights`` false builds an open_clip model's architecture without reading its weights
         file (a checkpoint's state is loaded next)."""
         super().__init__()
-        if len(set(config.modalities)) < 2:
+        image_only = config.method in IMAGE_ONLY_METHODS
+        if len(set(config.modalities)) < 2 and not image_only:
             raise ValueError(f"model.modalities needs at least two distinct modalities, got {config.modalities}")
         self.config = config
         if config.open_clip is not None:
@@ -65,6 +70,9 @@ class ContrastiveModel(nn.Module):
             else:
                 self.towers[name].requires_grad_(False)
         self.locked -= {name for name, groups in unlocked_groups.items() if groups}
+        self.heads = build_heads(config, self.towers)
+        if image_only:
+            self.logit_scale.requires_grad_(False)
 
     def _check_open_clip_scale(self) -> None:
         """The open_clip model's temperature must survive :meth:`clamp_logit_scale_` unchanged."""
@@ -149,8 +157,9 @@ class ContrastiveModel(nn.Module):
         return tokens.to(self.logit_scale.device)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Unit-norm features (B, embed_dim) for every modality of the batch the model has a tower for."""
-        return {name: self.encode(name, batch[name]) for name in self.modalities if name in batch}
+        """The training method's outputs for a batch holding its inputs (``self.heads.inputs``): for
+        CLIP, the unit-norm features (B, embed_dim) of the two aligned modalities."""
+        return self.heads(functools.partial(self.encode, normalize=False), batch)
 
     def fingerprint(self) -> str:
         """The identity of this model's embeddings (:mod:`clipkit.fingerprint`): its weights and the
@@ -164,7 +173,10 @@ class ContrastiveModel(nn.Module):
         """The model config without the keys that only say how the weights were obtained (for an open_clip
         model, with the preprocessing its weights were trained with, which a zoo tag may set)."""
         config = dataclasses.asdict(self.config)
-        config.pop("init_towers", None)
+        # How the towers were trained does not change how they embed; the heads' weights, which only
+        # training uses, still count in the weights' hash.
+        for key in ("init_towers", "method", "ssl"):
+            config.pop(key, None)
         for section in config.values():
             if isinstance(section, dict):
                 for key in ("pretrained", "pretrained_file", "lock", *OPEN_CLIP_LOCK_KEYS):

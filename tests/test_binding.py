@@ -44,7 +44,7 @@ def test_audio_binds_to_a_frozen_image_tower(tmp_path, image_text_checkpoint):
                                       num_workers=0, shuffle_buffer=20)
     config.train = dataclasses.replace(config.train, output_dir=str(tmp_path / "run"), max_steps=4, warmup_steps=1)
     trainer = Trainer(config, progress=False)
-    assert trainer.pair == ("image", "audio")
+    assert trainer.inputs == ("image", "audio")
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     result = trainer.fit()
 

@@ -1,8 +1,9 @@
 """Exactness of data-parallel training: real torchrun processes with gloo on the CPU.
 
 Two ranks, each holding half of a batch, must produce the same loss and the same parameter gradients
-as one process holding the whole batch, for InfoNCE (global and local loss), SigLIP (ring exchange)
-and gradient accumulation. The towers use LayerNorm (a ViT): BatchNorm statistics depend on how a
+as one process holding the whole batch, for InfoNCE (global and local loss), SigLIP (ring exchange),
+SimCLR's NT-Xent over both views of the global batch, SLIP, and gradient accumulation. The towers use
+LayerNorm (a ViT) and SimCLR's projector is one linear layer: BatchNorm statistics depend on how a
 batch is split, so no BatchNorm model can be split-invariant.
 """
 
@@ -36,6 +37,11 @@ def exact_config(toy, tmp_path: Path, **train: object) -> ExperimentConfig:
     config.data.num_workers = 0
     config.train.device = "cpu"
     config.train.output_dir = str(tmp_path / "run")
+    if train.get("method") in ("simclr", "slip"):
+        config.model.ssl.projector_layers = 1
+        config.model.ssl.projection_dim = 16
+    if train.get("method") == "simclr":
+        config.model.modalities = ("image",)
     for key, value in train.items():
         if hasattr(config.model, key):
             setattr(config.model, key, value)
@@ -49,8 +55,10 @@ def fixed_batch(config: ExperimentConfig) -> dict[str, torch.Tensor]:
 
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (GLOBAL_BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    views = torch.randint(0, 256, (2, GLOBAL_BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
     captions = [f"a {size} {colour} circle" for size in ("small", "large") for colour in ("red", "green", "blue", "grey")]
-    return {"image": images, "text": tokenize(captions, config.model.text.context_length)}
+    return {"image": images, "text": tokenize(captions, config.model.text.context_length),
+            "view1": views[0], "view2": views[1]}
 
 
 def torchrun(nproc: int, *args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -93,8 +101,11 @@ def assert_same_step(distributed: dict, loss: float, grads: dict[str, torch.Tens
         {"loss": "siglip"},
         {"loss": "infonce", "accum_freq": 2},
         {"loss": "siglip", "accum_freq": 2},
+        {"method": "simclr"},
+        {"method": "simclr", "accum_freq": 2},
+        {"method": "slip"},
     ],
-    ids=["infonce", "infonce-local", "siglip", "infonce-accum2", "siglip-accum2"],
+    ids=["infonce", "infonce-local", "siglip", "infonce-accum2", "siglip-accum2", "simclr", "simclr-accum2", "slip"],
 )
 def test_two_ranks_equal_one_process(toy_shards, tmp_path, options):
     config = exact_config(toy_shards, tmp_path, **options)
@@ -104,7 +115,10 @@ def test_two_ranks_equal_one_process(toy_shards, tmp_path, options):
     reference_config = exact_config(toy_shards, tmp_path, **{**options, "accum_freq": 1, "local_loss": False})
     loss, grads = single_process_step(reference_config, batch)
     assert_same_step(distributed, loss, grads)
-    assert grads["logit_scale"].abs() > 0
+    if options.get("method") == "simclr":  # no temperature to learn; the projector learns
+        assert "logit_scale" not in grads and grads["heads.projector.0.weight"].abs().sum() > 0
+    else:
+        assert grads["logit_scale"].abs() > 0
 
 
 @pytest.mark.parametrize("loss_name", ["infonce", "siglip"])

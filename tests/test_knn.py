@@ -18,7 +18,8 @@ from clipkit.eval import knn
 from clipkit.eval.datasets import classification_data
 from clipkit.eval.embed import embed_batches, embed_shards
 from clipkit.eval.encoders import load_encoder
-from clipkit.eval.knn import knn_scores, sample_shots
+from clipkit.eval.knn import knn_scores
+from clipkit.eval.labelled import sample_shots
 from clipkit.eval.metrics import classification_metrics
 from clipkit.model import create_model
 from clipkit.train.checkpoint import save_checkpoint

@@ -92,6 +92,16 @@ def classification_report(scores: torch.Tensor, labels: torch.Tensor, classnames
     }
 
 
+def require_towers(encoder: Encoder, modality: str, task: str) -> None:
+    """Zero-shot classification and retrieval compare ``modality`` with texts: a model without either
+    tower (an image tower pretrained alone, say) is refused before any data is read."""
+    missing = [name for name in (modality, "text") if name not in encoder.modalities]
+    if missing:
+        raise ValueError(f"{task} needs {modality} and text towers, and {encoder.name} has no {missing[0]} tower "
+                         f"(its towers: {', '.join(encoder.modalities)}); judge a tower's features alone with "
+                         "`clipkit eval knn` or `clipkit eval linear-probe`")
+
+
 def retrieval_metrics(encoder: Encoder, features: torch.Tensor, captions: list[list[str]], modality: str,
                       batch_size: int = 256) -> dict[str, float]:
     """Recall@1/5/10 both ways between items (N, D) and their captions (one or more per item)."""
@@ -127,6 +137,7 @@ def evaluate_zeroshot(
     built-in set), else ``zeroshot_classification_templates.txt`` beside the data or one folder up
     (CLIP_benchmark's layout), else the modality's built-in set.
     """
+    require_towers(encoder, modality, "zero-shot classification")
     start = time.perf_counter()
     layout = resolve_dataset(dataset, split)
     classnames = read_classnames(Path(classnames_file)) if classnames_file else None
@@ -167,6 +178,7 @@ def evaluate_retrieval(
     A text query hits when its own item is in the top k; an item query hits when any of its captions
     is (CLIP_benchmark's counting).
     """
+    require_towers(encoder, modality, "retrieval")
     start = time.perf_counter()
     batches = retrieval_batches(dataset, encoder.eval_decoder(modality), batch_size=batch_size,
                                 num_workers=num_workers, path_col=path_col, caption_col=caption_col, split=split)

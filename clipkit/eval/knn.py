@@ -15,11 +15,9 @@ from typing import Any, Sequence
 
 import torch
 
-from clipkit.data.classes import read_classnames
 from clipkit.eval.benchmark import EvalReport, classification_report
-from clipkit.eval.datasets import check_label_range, classification_data
-from clipkit.eval.embed import Embedded, embed_batches
 from clipkit.eval.encoders import Encoder
+from clipkit.eval.labelled import embed_train_and_test, few_shot_metrics
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -42,32 +40,6 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_fe
     return votes
 
 
-def sample_shots(labels: torch.Tensor, shots: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
-    """Ascending indices of ``shots`` samples of each class, drawn at random without replacement.
-    Raises ``ValueError`` naming the classes with fewer samples than that."""
-    chosen, short = [], []
-    for cls in range(num_classes):
-        members = torch.nonzero(labels == cls).flatten()
-        if len(members) < shots:
-            short.append(f"{cls} ({len(members)})")
-            continue
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
-    if short:
-        raise ValueError(f"{shots}-shot draws need {shots} training samples of every class; these classes have "
-                         f"fewer: {', '.join(short)}")
-    return torch.cat(chosen).sort().values
-
-
-def _labelled(encoder: Encoder, dataset: str, modality: str, classnames: list[str] | None, split: str,
-              batch_size: int, num_workers: int, progress: bool, columns: dict[str, str | None]
-              ) -> tuple[Embedded, list[str]]:
-    data = classification_data(dataset, encoder.eval_decoder(modality), classnames=classnames,
-                               batch_size=batch_size, num_workers=num_workers, split=split, **columns)
-    embedded = embed_batches(encoder, modality, data.batches, keep=["label"], progress=progress)
-    check_label_range(embedded.fields["label"], len(data.classnames), f"of {dataset}")
-    return embedded, data.classnames
-
-
 def evaluate_knn(
     encoder: Encoder, train_dataset: str, test_dataset: str, *, modality: str = "image", k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE, shots: Sequence[int] = (), draws: int = DEFAULT_DRAWS,
@@ -81,15 +53,10 @@ def evaluate_knn(
     if any(n < 1 for n in shots) or draws < 1:
         raise ValueError(f"--shots takes counts ≥ 1 and --draws ≥ 1, got {list(shots)} and {draws}")
     start = time.perf_counter()
-    classnames = read_classnames(Path(classnames_file)) if classnames_file else None
-    columns = {"path_col": path_col, "label_col": label_col}
-    train, train_names = _labelled(encoder, train_dataset, modality, classnames, train_split, batch_size,
-                                   num_workers, progress, columns)
-    test, test_names = _labelled(encoder, test_dataset, modality, classnames, split, batch_size, num_workers,
-                                 progress, columns)
-    if train_names != test_names:
-        raise ValueError(f"the training and test sets name their classes differently ({len(train_names)} and "
-                         f"{len(test_names)} classes): give both one class list with --classnames")
+    train, test, train_names = embed_train_and_test(
+        encoder, train_dataset, test_dataset, modality=modality, classnames_file=classnames_file,
+        train_split=train_split, split=split, path_col=path_col, label_col=label_col, batch_size=batch_size,
+        num_workers=num_workers, progress=progress)
     num_classes = len(train_names)
     train_labels, test_labels = train.fields["label"].long(), test.fields["label"].long()
 
@@ -98,13 +65,8 @@ def evaluate_knn(
         return classification_report(votes, test_labels, train_names)
 
     metrics: dict[str, Any] = accuracies(torch.arange(len(train_labels)))
-    generator = torch.Generator().manual_seed(seed)
-    for n in shots:
-        acc1 = torch.tensor([accuracies(sample_shots(train_labels, n, num_classes, generator))["acc1"]
-                             for _ in range(draws)], dtype=torch.float64)
-        metrics[f"{n}_shot_acc1_mean"] = acc1.mean().item()
-        metrics[f"{n}_shot_acc1_std"] = acc1.std(unbiased=False).item()
-        metrics[f"{n}_shot_acc1_draws"] = acc1.tolist()
+    metrics.update(few_shot_metrics(train_labels, shots, num_classes, draws, seed,
+                                    lambda rows: accuracies(rows)["acc1"]))
     # A string, so that the table does not print it as a percentage as it does the other floats.
     details = {"classes": num_classes, "train_samples": len(train_labels), "k": k, "temperature": f"{temperature:g}",
                "draws": draws if shots else 0, "chance": 1 / num_classes}

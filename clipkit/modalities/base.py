@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-from clipkit.config import AugmentConfig, ModelConfig
+from clipkit.config import AugmentConfig, ConfigError, ModelConfig, ViewsConfig
 
 
 @dataclass(frozen=True)
@@ -46,3 +46,8 @@ class Modality(ABC):
     @abstractmethod
     def build_tower(self, embed_dim: int) -> nn.Module:
         """A module mapping a batch of decoded inputs to features of shape (B, embed_dim)."""
+
+    def view_field(self, name: str, views: ViewsConfig) -> FieldDecoder:
+        """The decoder of one independently augmented view of this modality's member, batched as ``name``
+        (the self-supervised methods compare views). Modalities without views refuse."""
+        raise ConfigError(f"the {self.name} modality has no augmented views for a self-supervised method")

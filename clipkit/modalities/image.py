@@ -15,8 +15,9 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from clipkit.config import AugmentConfig, ImageTowerConfig, ModelConfig
+from clipkit.config import AugmentConfig, ImageTowerConfig, ModelConfig, ViewsConfig
 from clipkit.modalities.base import FieldDecoder, Modality
+from clipkit.modalities.image_views import ViewDecoder
 from clipkit.pretrained import create_timm_trunk
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -133,6 +134,14 @@ class ImageDecoder:
         return out
 
 
+def image_view_field(name: str, image_size: int, views: ViewsConfig, interpolation: str = "bicubic") -> FieldDecoder:
+    """The decoder of the view batched as ``name``. Each view has its own name, so the pipeline seeds
+    it apart from the sample's other views (``{seed}/{key}/{name}``)."""
+    crop = ImageDecoder(image_size, train=True, crop_scale=views.crop_scale, horizontal_flip=views.horizontal_flip,
+                        interpolation=interpolation)
+    return FieldDecoder(name, IMAGE_EXTENSIONS, ViewDecoder(crop, views))
+
+
 class ImageTower(nn.Module):
     """timm trunk + linear projection. Input (B, 3, H, W), uint8 in [0, 255] or float in [0, 1]."""
 
@@ -178,6 +187,9 @@ class ImageModality(Modality):
             horizontal_flip=self.augment.horizontal_flip,
         )
         return FieldDecoder(self.name, IMAGE_EXTENSIONS, decoder)
+
+    def view_field(self, name: str, views: ViewsConfig) -> FieldDecoder:
+        return image_view_field(name, self.config.image_size, views)
 
     def build_tower(self, embed_dim: int) -> nn.Module:
         return ImageTower(self.config, embed_dim)

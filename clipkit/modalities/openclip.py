@@ -23,11 +23,11 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from clipkit.config import AugmentConfig, ModelConfig, OpenClipConfig
+from clipkit.config import AugmentConfig, ModelConfig, OpenClipConfig, ViewsConfig
 from clipkit.openclip.factory import open_clip_tokenizer, preprocess_settings
 from clipkit.openclip.towers import open_clip_parts
 from clipkit.modalities.base import FieldDecoder, Modality
-from clipkit.modalities.image import IMAGE_EXTENSIONS, ImageDecoder
+from clipkit.modalities.image import IMAGE_EXTENSIONS, ImageDecoder, image_view_field
 from clipkit.modalities.text import TEXT_EXTENSIONS, CaptionDecoder, bound_text
 
 TRAIN_INTERPOLATIONS = ("bicubic", "bilinear")
@@ -82,13 +82,19 @@ class OpenClipImageModality(Modality):
     def field(self, train: bool) -> FieldDecoder:
         if not train:
             return FieldDecoder(self.name, IMAGE_EXTENSIONS, OpenClipEvalDecoder(pixel_transform(self.preprocess)))
+        decoder = ImageDecoder(square_size(self.preprocess), train=True, crop_scale=self.augment.crop_scale,
+                               horizontal_flip=self.augment.horizontal_flip, interpolation=self._train_interpolation())
+        return FieldDecoder(self.name, IMAGE_EXTENSIONS, decoder)
+
+    def view_field(self, name: str, views: ViewsConfig) -> FieldDecoder:
+        return image_view_field(name, square_size(self.preprocess), views, self._train_interpolation())
+
+    def _train_interpolation(self) -> str:
         interpolation = self.preprocess.interpolation
         if interpolation not in TRAIN_INTERPOLATIONS:
             raise ValueError(f"open_clip model {self.config.name} resamples with {interpolation!r}; clipkit's "
                              f"training crop does {' or '.join(TRAIN_INTERPOLATIONS)}")
-        decoder = ImageDecoder(square_size(self.preprocess), train=True, crop_scale=self.augment.crop_scale,
-                               horizontal_flip=self.augment.horizontal_flip, interpolation=interpolation)
-        return FieldDecoder(self.name, IMAGE_EXTENSIONS, decoder)
+        return interpolation
 
     def build_tower(self, embed_dim: int) -> nn.Module:
         """This tower alone; :class:`~clipkit.model.ContrastiveModel` takes both from one open_clip model."""

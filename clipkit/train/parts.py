@@ -24,7 +24,8 @@ from clipkit.data.pipeline import ShardStream, build_loader, training_stream
 from clipkit.data.shards import MissingShards, drop_missing_shards, expand_shards, shard_sources
 from clipkit.distributed import DistributedContext
 from clipkit.losses import build_loss
-from clipkit.modalities import get_modality
+from clipkit.methods import MethodLoss, build_method_loss, method_inputs
+from clipkit.modalities import FieldDecoder, get_modality
 from clipkit.model import ContrastiveModel, create_model
 from clipkit.train.checkpoint import Checkpointer
 from clipkit.train.evaluator import TrainingEvaluator, build_evaluator
@@ -53,24 +54,32 @@ def build_training_model(config: ExperimentConfig, device: torch.device) -> Cont
 
 @dataclass(frozen=True)
 class TrainingData:
-    """This rank's training stream, the loader over it, the pair of modalities it yields, and the
-    shards that were missing when it was built."""
+    """This rank's training stream, the loader over it, the batch keys it yields (the training
+    method's inputs), and the shards that were missing when it was built."""
 
     stream: ShardStream
     loader: DataLoader
-    pair: tuple[str, str]
+    inputs: tuple[str, ...]
     missing: MissingShards
 
 
+def training_field(config: ExperimentConfig, key: str, tower: str) -> FieldDecoder:
+    """How batch key ``key`` is decoded for training: as its modality (``key`` is the tower's name) or
+    as one augmented view of the tower's modality (data.views)."""
+    modality = get_modality(tower, config.model, config.data.augment)
+    return modality.field(train=True) if key == tower else modality.view_field(key, config.data.views)
+
+
 def build_training_data(config: ExperimentConfig, dist: DistributedContext) -> TrainingData:
-    """The first two modalities of ``model.modalities`` (the pair the loss aligns; further towers ride
-    along for evaluation), decoded for training from ``data.train_shards``.
+    """The training method's inputs decoded for training from ``data.train_shards``: for CLIP the first
+    two modalities of ``model.modalities`` (the pair the loss aligns; further towers ride along for
+    evaluation), for the self-supervised methods views of the image.
 
     Missing local shards are named once, here, and left out (their samples count as skipped); with
     none left this raises instead of warning on every draw.
     """
-    pair = (config.model.modalities[0], config.model.modalities[1])
-    fields = [get_modality(name, config.model, config.data.augment).field(train=True) for name in pair]
+    inputs = method_inputs(config.model)
+    fields = [training_field(config, key, tower) for key, tower in inputs.items()]
     sources, missing = drop_missing_shards(shard_sources(config.data.train_shards, config.data.train_data_weights))
     if missing.shards and dist.is_main:
         log.warning("%s; training on the others, their samples counted as skipped",
@@ -79,11 +88,11 @@ def build_training_data(config: ExperimentConfig, dist: DistributedContext) -> T
                              world_size=dist.world_size, sources=sources)
     loader = build_loader(stream, config.data.num_workers, pin_memory=dist.device.type == "cuda",
                           start_method=config.data.worker_start_method)
-    return TrainingData(stream, loader, pair, missing)
+    return TrainingData(stream, loader, tuple(inputs), missing)
 
 
-def build_training_loss(config: ExperimentConfig) -> nn.Module:
-    return build_loss(config.model.loss, local_loss=config.train.local_loss)
+def build_training_loss(config: ExperimentConfig) -> MethodLoss:
+    return build_method_loss(config.model, build_loss(config.model.loss, local_loss=config.train.local_loss))
 
 
 def build_checkpointer(config: TrainConfig) -> Checkpointer:
@@ -101,7 +110,7 @@ class TrainSpec:
 
     model: Callable[[ExperimentConfig, torch.device], ContrastiveModel] = build_training_model
     data: Callable[[ExperimentConfig, DistributedContext], TrainingData] = build_training_data
-    loss: Callable[[ExperimentConfig], nn.Module] = build_training_loss
+    loss: Callable[[ExperimentConfig], MethodLoss] = build_training_loss
     optimizer: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer] = build_optimizer
     scheduler: Callable[[torch.optim.Optimizer, TrainConfig, int], torch.optim.lr_scheduler.LRScheduler] = \
         build_scheduler

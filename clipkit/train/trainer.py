@@ -29,6 +29,7 @@ from clipkit.data.shards import count_samples
 from clipkit.data.table_shards import is_table
 from clipkit.distributed import DistributedContext, all_reduce_mean, init_distributed
 from clipkit.errors import DataError
+from clipkit.methods.base import embedding_spread
 from clipkit.model import ContrastiveModel
 from clipkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from clipkit.train.evaluator import describe, is_better
@@ -37,6 +38,10 @@ from clipkit.train.parts import TrainSpec
 from clipkit.train.resume import check_resume
 
 log = logging.getLogger(__name__)
+
+# An embedding spread (clipkit.methods.base.embedding_spread) below this has collapsed: every input
+# embeds to nearly the same point, which BYOL and SimSiam can do without the loss saying so.
+COLLAPSED_SPREAD = 0.05
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         data = spec.data(config, self.dist)
-        self.stream, self.loader, self.pair, self.missing = data.stream, data.loader, data.pair, data.missing
+        self.stream, self.loader, self.inputs, self.missing = data.stream, data.loader, data.inputs, data.missing
         self.total_steps = total_training_steps(config, self.stream, self.dist.world_size)
         # The missing shards' samples are counted once, by rank 0, so the sum over ranks holds them once.
         self.account = DataAccount(skipped=(self.missing.samples or 0) if self.dist.is_main else 0)
@@ -197,6 +202,7 @@ class Trainer:
         self.epoch = 0
         self.batches_in_epoch = 0
         self._saved_step: int | None = None
+        self.warned_collapse = False
         if config.train.resume:
             self.resume(self.checkpointer.resolve(config.train.resume))
 
@@ -348,7 +354,7 @@ class Trainer:
             empty = True
             for batch in self.loader:
                 self.account.add(batch)
-                delivered = len(batch[self.pair[0]]) if self.pair[0] in batch else 0
+                delivered = len(batch[self.inputs[0]]) if self.inputs[0] in batch else 0
                 self.skip_guard.update(delivered, int(batch["num_skipped"]))
                 if not delivered:  # a worker's last report of what it lost: no samples, no position
                     continue
@@ -364,13 +370,12 @@ class Trainer:
 
     # --- the step ----------------------------------------------------------------------------
 
-    def _loss(self, features: dict[str, torch.Tensor], with_temperature_grad: bool = True) -> torch.Tensor:
-        first, second = self.pair
+    def _loss(self, outputs: dict[str, torch.Tensor], with_temperature_grad: bool = True) -> torch.Tensor:
         scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
         if not with_temperature_grad:
             scale = scale.detach()
             bias = bias.detach() if bias is not None else None
-        return self.loss_fn(features[first].float(), features[second].float(), scale, bias)
+        return self.loss_fn(outputs, scale, bias)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.device, non_blocking=True)
@@ -381,7 +386,7 @@ class Trainer:
         return tensor
 
     def _forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        inputs = {name: self._to_device(batch[name]) for name in self.pair}
+        inputs = {name: self._to_device(batch[name]) for name in self.inputs}
         with autocast(self.device, self.precision):
             return self.ddp_model(inputs)
 
@@ -393,11 +398,13 @@ class Trainer:
         accumulated batch (cached features for the others). The gradients summed over micro-batches
         are exactly those of one batch of accum_freq × batch_size. The temperature enters with
         gradient only once, or it would be counted accum_freq times: in the last pass, the one in
-        which DDP synchronises gradients.
+        which DDP synchronises gradients. After the optimizer step the method's heads update (a
+        momentum target follows the online network) and the collapse signal is taken.
         """
         self.optimizer.zero_grad(set_to_none=True)
         if len(micro_batches) == 1:
-            loss = self._loss(self._forward(micro_batches[0]))
+            outputs = self._forward(micro_batches[0])
+            loss = self._loss(outputs)
             self.scaler.scale(loss).backward()
         else:
             with torch.no_grad():
@@ -407,11 +414,11 @@ class Trainer:
                 sync = contextlib.nullcontext() if last or not self.dist.is_distributed else self.ddp_model.no_sync()
                 with sync:
                     fresh = self._forward(batch)
-                    features = {
+                    outputs = {
                         name: torch.cat([fresh[name] if i == index else c[name] for i, c in enumerate(cached)])
                         for name in fresh
                     }
-                    loss = self._loss(features, with_temperature_grad=last)
+                    loss = self._loss(outputs, with_temperature_grad=last)
                     self.scaler.scale(loss).backward()
         if self.config.train.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
@@ -421,6 +428,8 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.model.clamp_logit_scale_()
+        self.model.heads.after_step(self.model.towers, self.step, self.total_steps)
+        self.last_spread = embedding_spread(outputs[self.model.heads.monitored].detach())
         return loss.detach()
 
     def close(self) -> None:
@@ -460,10 +469,10 @@ class Trainer:
                 batches = [next(micro_batches) for _ in range(config.train.accum_freq)]
                 window.data_wait += time.perf_counter() - wait_start
                 loss = self.train_step(batches)
-                batch_samples = sum(len(b[self.pair[0]]) for b in batches)
+                batch_samples = sum(len(b[self.inputs[0]]) for b in batches)
                 self.step += 1
                 self.samples_seen += batch_samples * self.dist.world_size
-                window.add(loss, batch_samples)
+                window.add(loss, self.last_spread, batch_samples)
                 bar.update(1)
                 if self.step % config.train.log_every == 0 or self.step == self.total_steps:
                     record = self._training_record(window)
@@ -508,7 +517,8 @@ class Trainer:
         account = self.account
         totals = all_reduce_mean(torch.tensor(
             [float(window.loss_sum) / window.steps, account.skipped, len(account.broken_shards),
-             account.duplicate_keys], device=self.device, dtype=torch.float64))
+             account.duplicate_keys, float(window.spread_sum) / window.steps], device=self.device,
+            dtype=torch.float64))
         record = {
             "epoch": self.epoch,
             "loss": totals[0].item(),
@@ -521,7 +531,13 @@ class Trainer:
             "broken_shards": round(totals[2].item() * world),
             "duplicate_keys": round(totals[3].item() * world),
             "missing_shards": len(self.missing.shards),
+            "embedding_spread": totals[4].item(),
         }
+        if record["embedding_spread"] < COLLAPSED_SPREAD and not self.warned_collapse and self.dist.is_main:
+            log.warning("the embeddings have collapsed at step %d (embedding_spread %.3f: every image embeds to "
+                        "nearly the same point); lower train.lr or check the method's heads", self.step,
+                        record["embedding_spread"])
+            self.warned_collapse = True
         if self.model.logit_bias is not None:
             record["logit_bias"] = self.model.logit_bias.item()
         return record
@@ -542,11 +558,13 @@ class _Window:
         self.data_wait = 0.0
         # Summed on the loss's device and read once per window: a per-step .cpu() would stall the GPU.
         self.loss_sum: torch.Tensor | float = 0.0
+        self.spread_sum: torch.Tensor | float = 0.0
         self.steps = 0
         self.samples = 0
 
-    def add(self, loss: torch.Tensor, samples: int) -> None:
+    def add(self, loss: torch.Tensor, spread: torch.Tensor, samples: int) -> None:
         self.loss_sum = self.loss_sum + loss.float()
+        self.spread_sum = self.spread_sum + spread
         self.steps += 1
         self.samples += samples
 
