@@ -167,7 +167,6 @@ class OpenClipConfig:
 # What training learns from (clipkit.methods): "clip" aligns two modalities; "slip" adds a SimCLR loss on
 # views of the image; the others learn an image tower from views of the image alone.
 IMAGE_ONLY_METHODS = ("simclr", "moco", "byol", "simsiam")
-METHODS = ("clip", "slip", *IMAGE_ONLY_METHODS)
 
 
 @dataclass
@@ -181,7 +180,7 @@ class SelfSupervisedConfig:
     views: int = 2
 
     # Projector: embed_dim → hidden_dim → … → projection_dim, BatchNorm and ReLU after each hidden
-    # layer (SimCLR and BYOL: 2 layers; SimSiam and MoCo v3: 3).
+    # layer (the papers use 2 layers for SimCLR and BYOL, 3 for SimSiam and MoCo v3).
     projector_layers: int = 2
     hidden_dim: int = 2048
     projection_dim: int = 256

@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torchvision.transforms.v2.functional as TF
-
-from typing import Callable
 
 from clipkit.config import ViewsConfig
 
