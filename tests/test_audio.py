@@ -171,6 +171,9 @@ def test_audio_workers_start_with_forkserver(toy_shards):
     assert worker_start_method("auto", audio) == "forkserver"
     assert worker_start_method("auto", image) is None
     assert worker_start_method("spawn", image) == "spawn"
+    # Decided by the decoder, not the batch key: audio batched under another name is still threaded.
+    renamed = dataclasses.replace(get_modality("audio", tiny_audio_config()).field(False), name="clip")
+    assert worker_start_method("auto", ShardStream(urls, [renamed], 8, train=False)) == "forkserver"
 
 
 def test_make_toy_follows_the_config(tmp_path, capsys):

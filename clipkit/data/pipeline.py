@@ -454,16 +454,12 @@ def _collate(items: list[dict[str, Any]], skipped: Counter[str], counts: ReadCou
     return batch
 
 
-THREADED_DECODER_FIELDS = ("audio", "video")
-
-
 def worker_start_method(setting: str, stream: ShardStream) -> str | None:
-    """``data.worker_start_method`` resolved: "auto" picks forkserver when the stream decodes audio
-    or video (their decoders may run threads that a fork would copy in a locked state)."""
+    """``data.worker_start_method`` resolved: "auto" picks forkserver when a field's decoder is
+    threaded (audio, video: threads that a fork would copy in a locked state)."""
     if setting != "auto":
         return setting
-    names = {field.name for field in stream.decoder.fields}
-    return "forkserver" if names & set(THREADED_DECODER_FIELDS) else None
+    return "forkserver" if any(field.threaded for field in stream.decoder.fields) else None
 
 
 def ignore_stop_signal(worker_id: int) -> None:

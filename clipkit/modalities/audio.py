@@ -134,7 +134,7 @@ class AudioModality(Modality):
 
     def field(self, train: bool) -> FieldDecoder:
         decoder = AudioDecoder(self.config.sample_rate, self.config.num_samples, train=train)
-        return FieldDecoder(self.name, AUDIO_EXTENSIONS, decoder)
+        return FieldDecoder(self.name, AUDIO_EXTENSIONS, decoder, threaded=True)
 
     def build_tower(self, embed_dim: int) -> nn.Module:
         return AudioTower(self.config, embed_dim)

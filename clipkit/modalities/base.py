@@ -27,6 +27,9 @@ class FieldDecoder:
     name: str
     extensions: tuple[str, ...]
     decode: Callable[[bytes, random.Random], Any]
+    # The decoder may run threads of its own (FFmpeg, libsndfile): data workers must then not be forked
+    # mid-flight, and "auto" starts them with forkserver.
+    threaded: bool = False
 
 
 class Modality(ABC):

@@ -219,7 +219,7 @@ class VideoModality(Modality):
             crop_scale=self.augment.crop_scale,
             horizontal_flip=self.augment.horizontal_flip,
         )
-        return FieldDecoder(self.name, VIDEO_EXTENSIONS, decoder)
+        return FieldDecoder(self.name, VIDEO_EXTENSIONS, decoder, threaded=True)
 
     def build_tower(self, embed_dim: int) -> nn.Module:
         """A :class:`VideoTower` over a fresh image tower (``model.image``) as its frame encoder."""
