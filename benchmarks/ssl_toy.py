@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,9 @@ from clipkit.data.toy import class_names, make_toy_image_text, write_split  # no
 from clipkit.eval.datasets import classification_data  # noqa: E402
 from clipkit.eval.encoders import load_encoder  # noqa: E402
 from clipkit.eval.labelled import sample_shots  # noqa: E402
-from clipkit.eval.linear_probe import VAL_PROPORTION, ProbeSettings, evaluate_linear_probe, split_validation  # noqa: E402
+from clipkit.eval.linear_probe import (  # noqa: E402
+    VAL_PROPORTION, ProbeSettings, evaluate_linear_probe, split_validation)
+from clipkit.modalities import get_modality  # noqa: E402
 from clipkit.model import create_model  # noqa: E402
 from clipkit.train.checkpoint import save_checkpoint  # noqa: E402
 from clipkit.train.parts import seed_everything  # noqa: E402
@@ -93,12 +94,11 @@ def method_config(method: str, scale: Scale, train_shards: Path, output: Path) -
 
 
 def pretrain(config: ExperimentConfig) -> tuple[Path, float]:
-    final = Path(config.train.output_dir) / "checkpoints" / "final.pt"
-    start = time.perf_counter()
+    """Train ``config`` → (its final checkpoint, the training's seconds)."""
     result = Trainer(config, progress=True).fit()
-    print(f"  {config.model.method}: {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.3f}",
-          flush=True)
-    return final, time.perf_counter() - start
+    print(f"  {config.model.method}: {result.steps} steps in {result.seconds:.0f} s, "
+          f"final loss {result.final_loss:.3f}", flush=True)
+    return result.checkpoint, result.seconds
 
 
 def random_tower(config: ExperimentConfig, output: Path) -> Path:
@@ -106,7 +106,7 @@ def random_tower(config: ExperimentConfig, output: Path) -> Path:
     return save_checkpoint(output / "random.pt", create_model(config.model).eval(), config)
 
 
-def probe(checkpoint: Path, pool: Path, test: Path, scale: Scale) -> dict[str, float]:
+def probe(checkpoint: Path, pool: Path, test: Path, scale: Scale) -> dict[str, list[float]]:
     encoder = load_encoder(str(checkpoint))
     report = evaluate_linear_probe(encoder, str(pool), str(test), shots=scale.shots, draws=scale.draws,
                                    settings=ProbeSettings(), batch_size=256)
@@ -115,14 +115,13 @@ def probe(checkpoint: Path, pool: Path, test: Path, scale: Scale) -> dict[str, f
 
 def decoded(config: ExperimentConfig, spec: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of ``spec`` by the evaluation transform, (N, 3, S, S) uint8, and its labels (N,)."""
-    model = create_model(config.model)
-    data = classification_data(str(spec), model.eval_decoder("image"), batch_size=512)
+    data = classification_data(str(spec), get_modality("image", config.model).field(train=False), batch_size=512)
     batches = list(data.batches)
     return torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
 
 
-def supervised(config: ExperimentConfig, images: torch.Tensor, labels: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
-               steps: int, seed: int) -> float:
+def supervised(config: ExperimentConfig, images: torch.Tensor, labels: torch.Tensor,
+               test: tuple[torch.Tensor, torch.Tensor], steps: int, seed: int) -> float:
     """The tower and a linear head trained from random weights with cross-entropy on ``images``
     (random flips; AdamW at the SSL config's rate with a cosine decay) → top-1 on ``test``."""
     seed_everything(seed)
@@ -161,7 +160,8 @@ def supervised_draws(config: ExperimentConfig, pool: Path, test: Path, scale: Sc
         results[f"{n}"] = []
         for draw in range(scale.draws):
             rows = kept[sample_shots(labels[kept], n, len(class_names()), generator)]
-            results[f"{n}"].append(supervised(config, images[rows], labels[rows], test_data, scale.supervised_steps, draw))
+            results[f"{n}"].append(supervised(config, images[rows], labels[rows], test_data,
+                                              scale.supervised_steps, draw))
     return results
 
 

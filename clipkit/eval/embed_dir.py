@@ -4,10 +4,11 @@ The folder holds, per input shard (or per chunk of files), ``STEM.npy`` (N, D) f
 vectors and ``STEM.jsonl`` (one metadata object per vector: key, source, caption(s), the sample's
 own JSON fields and, for an uncompressed tar shard, where its media member lies: ``media``), plus
 ``manifest.json``; ``clipkit index build`` reads it. A part's stem is its shard's name plus a hash
-of the shard's full path, so two shards of one name in different folders are two parts. The manifest lists the parts written so far, with their vector counts, and the
-model's fingerprint: a run into a folder that holds parts keeps them and adds its own (the same
-shard is embedded once), an interrupted run resumes at the first unfinished part, and a folder of
-another model's (or modality's) vectors is refused.
+of the shard's full path, so two shards of one name in different folders are two parts. The
+manifest lists the parts written so far, with their vector counts, and the model's fingerprint: a
+run into a folder that holds parts keeps them and adds its own (the same shard is embedded once), an
+interrupted run resumes at the first unfinished part, and a folder of another model's (or
+modality's) vectors is refused.
 
 Text is embedded one vector per caption (a ``txt`` member holds one caption per line, or a JSON list).
 """

@@ -165,9 +165,9 @@ def evaluate_linear_probe(
         val = (held.features.to(device), held.fields["label"].long().to(device))
         skipped += held.num_skipped
     elif val_proportion > 0:
-        kept, held_rows = split_validation(len(labels), val_proportion, settings.seed)
-        val = (features[held_rows.to(device)], labels[held_rows.to(device)])
-        features, labels = features[kept.to(device)], labels[kept.to(device)]
+        kept, held = (rows.to(device) for rows in split_validation(len(labels), val_proportion, settings.seed))
+        val = (features[held], labels[held])
+        features, labels = features[kept], labels[kept]
     else:
         val = None
     test_features, test_labels = test.features.to(device), test.fields["label"].long()

@@ -9,8 +9,9 @@ self-supervised methods' ``view1`` and ``view2`` are two views of one image, emb
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +57,23 @@ def view_names(config: ModelConfig) -> tuple[str, ...]:
     return tuple(f"view{index}" for index in range(1, config.ssl.views + 1))
 
 
+def view_inputs(config: ModelConfig) -> dict[str, str]:
+    """The views as inputs: each batch key embedded by the image tower."""
+    return dict.fromkeys(view_names(config), "image")
+
+
 def method_inputs(config: ModelConfig) -> dict[str, str]:
     """The batch keys ``config.method`` trains on, each with the tower that embeds it: the first two
     modalities (clip), the views of the image (the image-only methods), or both (slip)."""
     pair = {name: name for name in config.modalities[:2]}
-    views = {name: "image" for name in view_names(config)}
+    views = view_inputs(config)
     return {"clip": pair, "slip": {**pair, **views}}.get(config.method, views)
+
+
+def symmetrised(views: Sequence[str], pair_loss: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
+    """Σ over ordered pairs of views (a, b) of ``pair_loss(a, b)``, divided by (views − 1): with two
+    views, the loss of each direction summed, as BYOL and MoCo v3 symmetrise theirs."""
+    return sum(pair_loss(a, b) for a, b in itertools.permutations(views, 2)) / (len(views) - 1)
 
 
 def embedding_spread(features: torch.Tensor) -> torch.Tensor:

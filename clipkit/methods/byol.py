@@ -4,7 +4,6 @@ on a cosine over the run."""
 
 from __future__ import annotations
 
-import itertools
 from typing import Mapping
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.config import ModelConfig
-from clipkit.methods.base import Encode, Heads, MethodLoss, view_names
+from clipkit.methods.base import Encode, Heads, MethodLoss, symmetrised, view_inputs, view_names
 from clipkit.methods.heads import MomentumTarget, cosine_momentum, mlp
 from clipkit.methods.simclr import projector
 
@@ -35,7 +34,7 @@ class PredictorTargetHeads(Heads):
     def __init__(self, config: ModelConfig, tower: nn.Module, *, output_norm: bool = False) -> None:
         super().__init__()
         self.views = view_names(config)
-        self.inputs = dict.fromkeys(self.views, "image")
+        self.inputs = view_inputs(config)
         self.monitored = self.views[0]
         ssl = config.ssl
         self.projector = projector(config, output_norm=output_norm)
@@ -60,8 +59,8 @@ class BYOLHeads(PredictorTargetHeads):
 
 
 class BYOLLoss(MethodLoss):
-    """Σ over ordered pairs of views (a, b) of mean(2 − 2·cos(prediction of a, target of b)), divided by
-    (views − 1): with two views, BYOL's symmetrised loss."""
+    """mean(2 − 2·cos(prediction of a, target of b)), :func:`symmetrised` over the views: with two
+    views, BYOL's symmetrised loss."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -69,6 +68,5 @@ class BYOLLoss(MethodLoss):
 
     def forward(self, outputs: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None) -> torch.Tensor:
-        total = sum((2 - 2 * (outputs[a].float() * outputs[target_key(b)].float()).sum(-1)).mean()
-                    for a, b in itertools.permutations(self.views, 2))
-        return total / (len(self.views) - 1)
+        return symmetrised(self.views, lambda a, b: (
+            2 - 2 * (outputs[a].float() * outputs[target_key(b)].float()).sum(-1)).mean())

@@ -8,7 +8,6 @@ only state to checkpoint is the target network; v3 matches or beats v2 in its pa
 
 from __future__ import annotations
 
-import itertools
 from typing import Mapping
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from clipkit.config import ModelConfig
 from clipkit.distributed import gather_with_grad, rank_and_world
-from clipkit.methods.base import MethodLoss, view_names
+from clipkit.methods.base import MethodLoss, symmetrised, view_names
 from clipkit.methods.byol import PredictorTargetHeads, target_key
 
 TEMPERATURE = 0.2
@@ -43,8 +42,8 @@ def key_contrast(queries: torch.Tensor, keys: torch.Tensor, temperature: float) 
 
 
 class MoCoLoss(MethodLoss):
-    """Σ over ordered pairs of views (a, b) of key_contrast(prediction of a, target of b), divided by
-    (views − 1): with two views, MoCo v3's symmetrised loss."""
+    """key_contrast(prediction of a, target of b), :func:`symmetrised` over the views: with two views,
+    MoCo v3's symmetrised loss."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -53,6 +52,5 @@ class MoCoLoss(MethodLoss):
 
     def forward(self, outputs: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None) -> torch.Tensor:
-        total = sum(key_contrast(outputs[a].float(), outputs[target_key(b)].float(), self.temperature)
-                    for a, b in itertools.permutations(self.views, 2))
-        return total / (len(self.views) - 1)
+        return symmetrised(self.views, lambda a, b: key_contrast(
+            outputs[a].float(), outputs[target_key(b)].float(), self.temperature))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from clipkit.config import ModelConfig
 from clipkit.losses import NTXentLoss
-from clipkit.methods.base import Encode, Heads, MethodLoss, view_names
+from clipkit.methods.base import Encode, Heads, MethodLoss, view_inputs, view_names
 from clipkit.methods.heads import mlp
 
 TEMPERATURE = 0.1
@@ -28,7 +28,7 @@ class SimCLRHeads(Heads):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.views = view_names(config)
-        self.inputs = dict.fromkeys(self.views, "image")
+        self.inputs = view_inputs(config)
         self.monitored = self.views[0]
         self.projector = projector(config)
 

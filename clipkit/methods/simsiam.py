@@ -3,14 +3,13 @@ pulled towards the other view's projection behind a stop-gradient; no negatives,
 
 from __future__ import annotations
 
-import itertools
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from clipkit.config import ModelConfig
-from clipkit.methods.base import Encode, Heads, MethodLoss, view_names
+from clipkit.methods.base import Encode, Heads, MethodLoss, symmetrised, view_inputs, view_names
 from clipkit.methods.heads import mlp
 from clipkit.methods.simclr import projector
 
@@ -26,7 +25,7 @@ class SimSiamHeads(Heads):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.views = view_names(config)
-        self.inputs = dict.fromkeys(self.views, "image")
+        self.inputs = view_inputs(config)
         self.monitored = projection_key(self.views[0])
         ssl = config.ssl
         self.projector = projector(config, output_norm=True)
@@ -42,7 +41,8 @@ class SimSiamHeads(Heads):
 
 
 class SimSiamLoss(MethodLoss):
-    """The mean over ordered pairs of views (a, b) of −cos(prediction of a, stop-grad(projection of b))."""
+    """The mean over ordered pairs of views (a, b) of −cos(prediction of a, stop-grad(projection of b)):
+    :func:`symmetrised`, divided by the number of views."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -50,6 +50,5 @@ class SimSiamLoss(MethodLoss):
 
     def forward(self, outputs: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None) -> torch.Tensor:
-        pairs = list(itertools.permutations(self.views, 2))
-        return -sum((outputs[a].float() * outputs[projection_key(b)].float().detach()).sum(-1).mean()
-                    for a, b in pairs) / len(pairs)
+        return -symmetrised(self.views, lambda a, b: (
+            outputs[a].float() * outputs[projection_key(b)].float().detach()).sum(-1).mean()) / len(self.views)
