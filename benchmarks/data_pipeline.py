@@ -66,7 +66,7 @@ def output_statistics(shards: list[str], count: int) -> dict[str, dict[str, list
     import torch
     from PIL import Image
 
-    from clipkit.config import ImageTowerConfig
+    from clipkit.modalities.image import ImageTowerConfig
     from clipkit.data.pipeline import read_shards
     from clipkit.modalities.image import ImageDecoder
 
@@ -87,7 +87,9 @@ def output_statistics(shards: list[str], count: int) -> dict[str, dict[str, list
 
 
 def measure_clipkit(pattern: str, workers: int, batch_size: int, warmup: int, timed: int) -> dict[str, Any]:
-    from clipkit.config import AugmentConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
+    from clipkit.config import AugmentConfig, ModelConfig
+    from clipkit.modalities.image import ImageTowerConfig
+    from clipkit.modalities.text import TextTowerConfig
     from clipkit.data.pipeline import ShardStream, build_loader
     from clipkit.data.shards import shard_sources
     from clipkit.modalities import get_modality

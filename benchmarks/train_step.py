@@ -99,7 +99,9 @@ class Preset:
 
     def clipkit_model(self, pretrained: str | None) -> "ModelConfig":
         """clipkit's config of the model; ``pretrained`` is :meth:`prepare`'s None (random weights)."""
-        from clipkit.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+        from clipkit.config import ModelConfig
+        from clipkit.modalities.image import ImageTowerConfig
+        from clipkit.modalities.text import TextTowerConfig
 
         return ModelConfig(
             embed_dim=self.embed_dim,

@@ -18,7 +18,6 @@ from clipkit import __version__
 from clipkit.config import ConfigError, ExperimentConfig, bundled_configs, load_config, resolve_config_path
 from clipkit.errors import ClipkitError, PretrainedWeightsError
 from clipkit.eval.layout import CLASSNAMES_FILE, TEMPLATES_FILE
-from clipkit.eval.templates import BUILTIN_TEMPLATES
 from retrieval.cli import add_index_commands
 
 DEFAULT_CACHE = Path(os.environ.get("CLIPKIT_CACHE", Path.home() / ".cache" / "clipkit"))
@@ -335,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{CLASSNAMES_FILE} beside the shards or one folder up, the folder names, or the CSV's "
                           "labels); class folders are matched to these names by name")
     zeroshot.add_argument("--templates", help="a file with one template per line ({} or {c} where the class "
-                          f"name goes) or a built-in set ({', '.join(BUILTIN_TEMPLATES)}); default: "
+                          "name goes) or a built-in set (simple, or a modality's own: photo, audio, video); default: "
                           f"{TEMPLATES_FILE} beside the dataset or one folder up, else the modality's built-in set")
     zeroshot.add_argument("--label-col", help="CSV column with the label (default: label / class / cls)")
     zeroshot.add_argument("--confusion-matrix", metavar="PNG", help="also draw the confusion matrix here")

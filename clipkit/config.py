@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import re
 import types
 import typing
@@ -23,126 +24,29 @@ class ConfigError(ValueError):
     """A config file or override that does not match the typed schema."""
 
 
-@dataclass
-class ImageTowerConfig:
-    """A timm trunk whose pooled features are projected to the shared embedding width."""
-
-    timm_name: str = "resnet18"
-    pretrained: bool = False
-    # A local timm checkpoint (.safetensors / .pth); the hub is used only when this is unset and
-    # `pretrained` is true.
-    pretrained_file: str | None = None
-    image_size: int = 224
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-    # Extra keyword arguments for `timm.create_model` (drop_path_rate, widths of test models, ...).
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    # LiT ("lock image tower"): freeze the whole tower, weights and normalisation statistics.
-    lock: bool = False
+# A modality's tower section (model.image, model.audio, ...) is a dataclass declared in the modality's own
+# module, which registers it with its name (clipkit.modalities.base.register_modality). The sections are
+# only known once the modality plug-ins are imported: reading them imports the plug-in package first
+# (built-in modules and installed entry points), by name, so this module imports no modality code.
+MODALITY_PLUGINS = "clipkit.modalities"
+_MODALITY_SECTIONS: dict[str, type] = {}
 
 
-@dataclass
-class TextTowerConfig:
-    """A transformer over open_clip's BPE tokens, pooled at the end-of-text token."""
-
-    context_length: int = 77
-    vocab_size: int = 49408
-    width: int = 512
-    heads: int = 8
-    layers: int = 12
-    mlp_ratio: float = 4.0
-    causal: bool = True
-    # Freeze the whole text tower.
-    lock: bool = False
-
-    def __post_init__(self) -> None:
-        _check(
-            ("heads", self.heads >= 1 and self.width % self.heads == 0,
-             f"must divide width ({self.width}) into attention heads of equal size"),
-            ("context_length", self.context_length >= 2, "must be at least 2 (start and end tokens)"),
-        )
+def register_modality_section(name: str, section: type) -> None:
+    """Make dataclass ``section`` the config section ``model.<name>``."""
+    if not dataclasses.is_dataclass(section):
+        raise TypeError(f"the config section of modality {name!r} must be a dataclass, got {section!r}")
+    if name in {item.name for item in dataclasses.fields(_ModelSettings)}:
+        raise ValueError(f"modality {name!r} would shadow the model config key of that name")
+    known = _MODALITY_SECTIONS.setdefault(name, section)
+    if known is not section:
+        raise ValueError(f"modality {name!r} is registered twice ({known.__module__} and {section.__module__})")
 
 
-# Audio front-end presets: the settings of the models clipkit is compared against.
-AUDIO_PRESETS: dict[str, dict[str, Any]] = {
-    # CLAP (LAION): 48 kHz, 1024-point FFT, 10 ms hop, 64 mel bins from 50 Hz to 14 kHz.
-    "clap": {"sample_rate": 48_000, "features": "mel", "n_fft": 1024, "hop_length": 480, "n_mels": 64,
-             "f_min": 50.0, "f_max": 14_000.0},
-    # ImageBind: 16 kHz Kaldi filterbanks, 25 ms frames every 10 ms, 128 mel bins.
-    "imagebind": {"sample_rate": 16_000, "features": "kaldi_fbank", "n_fft": 400, "hop_length": 160,
-                  "n_mels": 128, "f_min": 20.0, "f_max": None},
-}
-
-
-@dataclass
-class AudioTowerConfig:
-    """Waveforms → log-mel features (computed on the device) → a timm model over them as a
-    one-channel image → linear projection."""
-
-    timm_name: str = "resnet18"
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    # "clap" or "imagebind" sets sample_rate, features, n_fft, hop_length, n_mels, f_min and f_max.
-    preset: str | None = None
-    sample_rate: int = 48_000
-    # Every clip is cropped (randomly in training, centred in evaluation) or repeat-padded to this.
-    clip_seconds: float = 10.0
-    features: Literal["mel", "kaldi_fbank"] = "mel"
-    n_fft: int = 1024
-    hop_length: int = 480
-    n_mels: int = 64
-    f_min: float = 50.0
-    f_max: float | None = 14_000.0
-    # SpecAugment in training: up to this many mel bins / frames masked (0 = off), twice each.
-    freq_mask: int = 0
-    time_mask: int = 0
-    lock: bool = False
-
-    def __post_init__(self) -> None:
-        if self.preset is not None:
-            if self.preset not in AUDIO_PRESETS:
-                raise ConfigError(f"preset must be one of {', '.join(AUDIO_PRESETS)}, got {self.preset!r}")
-            defaults = AudioTowerConfig()
-            for key, value in AUDIO_PRESETS[self.preset].items():
-                given = getattr(self, key)
-                if given != getattr(defaults, key) and given != value:
-                    raise ConfigError(f"{key} is set by preset {self.preset!r} ({value}); remove one of them")
-                setattr(self, key, value)
-            self.preset = None  # applied: a saved config holds the values themselves
-        _check(
-            ("sample_rate", self.sample_rate >= 1000, "must be at least 1000 Hz"),
-            ("clip_seconds", self.clip_seconds > 0, "must be positive"),
-            ("n_mels", self.n_mels >= 1, "must be at least 1"),
-            ("hop_length", 0 < self.hop_length <= self.n_fft, "must be in (0, n_fft]"),
-            ("f_max", self.f_max is None or self.f_min < self.f_max <= self.sample_rate / 2,
-             "must lie above f_min and at most sample_rate / 2"),
-            ("freq_mask", 0 <= self.freq_mask < self.n_mels, "must be in [0, n_mels)"),
-            ("time_mask", self.time_mask >= 0, "must be non-negative"),
-        )
-
-    @property
-    def num_samples(self) -> int:
-        """Samples per clip: (clip_seconds × sample_rate)."""
-        return round(self.clip_seconds * self.sample_rate)
-
-
-@dataclass
-class VideoTowerConfig:
-    """``num_frames`` frames per clip, each through the image tower (``model.image`` describes it;
-    with image in the model too, the two share one tower), then pooled over time."""
-
-    num_frames: int = 8
-    # "mean" averages frame features; "transformer" runs a small temporal transformer first.
-    pooling: Literal["mean", "transformer"] = "mean"
-    temporal_layers: int = 1
-    temporal_heads: int = 4
-    lock: bool = False
-
-    def __post_init__(self) -> None:
-        _check(
-            ("num_frames", self.num_frames >= 1, "must be at least 1"),
-            ("temporal_layers", self.temporal_layers >= 1, "must be at least 1"),
-            ("temporal_heads", self.temporal_heads >= 1, "must be at least 1"),
-        )
+def modality_sections() -> dict[str, type]:
+    """Every registered modality's name → its config section's dataclass."""
+    importlib.import_module(MODALITY_PLUGINS)
+    return _MODALITY_SECTIONS
 
 
 @dataclass
@@ -196,7 +100,7 @@ class SelfSupervisedConfig:
     slip_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(
+        check_ranges(
             ("views", self.views >= 2, "must be at least 2"),
             ("projector_layers", self.projector_layers >= 1, "must be at least 1"),
             ("hidden_dim", self.hidden_dim >= 1, "must be at least 1"),
@@ -209,7 +113,9 @@ class SelfSupervisedConfig:
 
 
 @dataclass
-class ModelConfig:
+class _ModelSettings:
+    """The fields of :class:`ModelConfig`, which adds the modality sections as keyword arguments."""
+
     embed_dim: int = 512
     # One tower each. Training aligns the first two (any pair: image-text, audio-text, video-text,
     # image-audio); further towers are carried along for evaluation, e.g. a locked text tower. The
@@ -218,10 +124,10 @@ class ModelConfig:
     # clip, slip, simclr, moco (v3), byol or simsiam: see clipkit.methods.
     method: Literal["clip", "slip", "simclr", "moco", "byol", "simsiam"] = "clip"
     ssl: SelfSupervisedConfig = field(default_factory=SelfSupervisedConfig)
-    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
-    text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
-    video: VideoTowerConfig = field(default_factory=VideoTowerConfig)
+    # model.image, model.text, model.audio, ...: one section per registered modality, its own dataclass.
+    # A file and to_dict() write each beside the keys here, and each reads as an attribute
+    # (model.image.image_size); a section left out holds its defaults.
+    sections: dict[str, Any] = field(default_factory=dict, metadata={"flatten": modality_sections})
     # Initialise towers from clipkit checkpoints, e.g. {image: runs/toy-image-text/checkpoints/final.pt}
     # (a video tower takes a checkpoint's image tower as its frame encoder).
     init_towers: dict[str, str] = field(default_factory=dict)
@@ -237,8 +143,18 @@ class ModelConfig:
     open_clip: OpenClipConfig | None = None
 
     def __post_init__(self) -> None:
+        registered = modality_sections()
+        known = f"registered: {', '.join(sorted(registered))}"
+        for name in self.sections:
+            check_ranges((name, name in registered, f"is not a modality section ({known})"))
+        for name in self.modalities:
+            check_ranges(("modalities", name in registered, f"names {name!r}, which is no registered modality ({known})"))
+        for name, section in registered.items():
+            given = self.sections.setdefault(name, section())
+            if not isinstance(given, section):
+                raise ConfigError(f"{name} must be {section.__name__}, got {_describe(given)}")
         image_only = self.method in IMAGE_ONLY_METHODS
-        _check(
+        check_ranges(
             ("embed_dim", self.embed_dim >= 1, "must be at least 1"),
             ("modalities", image_only or len(set(self.modalities)) >= 2, "needs at least two distinct modalities"),
             ("modalities", not image_only or tuple(self.modalities) == ("image",),
@@ -261,7 +177,7 @@ class ModelConfig:
         temperature: a setting it would silently override is an error. (Checked here rather than in
         OpenClipConfig, whose own errors an optional section would report only as "must be OpenClipConfig".)"""
         open_clip = self.open_clip
-        _check(
+        check_ranges(
             ("open_clip.name", bool(open_clip.name), "must name an open_clip architecture (e.g. ViT-B-32) or "
              "local-dir:FOLDER"),
             ("open_clip.lock_image_unlocked_groups", open_clip.lock_image_unlocked_groups >= 0, "must not be negative"),
@@ -282,7 +198,7 @@ class ModelConfig:
                               f"{open_clip.name!r}) and must be left out")
         locks = (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers"))
         for section, key in locks:
-            _check((f"open_clip.{key}", getattr(open_clip, key) == 0 or getattr(self, section).lock,
+            check_ranges((f"open_clip.{key}", getattr(open_clip, key) == 0 or getattr(self, section).lock,
                     f"needs model.{section}.lock: true (it unlocks the last groups of a locked tower)"))
 
     @property
@@ -290,6 +206,31 @@ class ModelConfig:
         if self.init_logit_scale is not None:
             return self.init_logit_scale
         return 10.0 if self.loss == "siglip" else 1 / 0.07
+
+    def __getattr__(self, name: str) -> Any:
+        """A modality's section: ``model.image``. (Only called for names that are no attribute.)"""
+        sections = self.__dict__.get("sections")
+        if sections is None or name not in sections:
+            raise AttributeError(f"{type(self).__name__} has no attribute or modality section {name!r}")
+        return sections[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _MODALITY_SECTIONS and name not in self.__dataclass_fields__:
+            self.sections[name] = value
+        else:
+            super().__setattr__(name, value)
+
+
+class ModelConfig(_ModelSettings):
+    """The model: its towers, the training method and the shared embedding. Besides the fields of
+    :class:`_ModelSettings`, each modality's section is a keyword argument of its name, e.g.
+    ``ModelConfig(image=ImageTowerConfig(image_size=64))``."""
+
+    def __init__(self, **values: Any) -> None:
+        sections = dict(values.pop("sections", None) or {})
+        named = set(self.__dataclass_fields__)
+        sections.update({key: values.pop(key) for key in [key for key in values if key not in named]})
+        super().__init__(**values, sections=sections)
 
 
 @dataclass
@@ -302,7 +243,7 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         low, high = self.crop_scale
-        _check(("crop_scale", 0 < low <= high <= 1, "must be [low, high] with 0 < low <= high <= 1"))
+        check_ranges(("crop_scale", 0 < low <= high <= 1, "must be [low, high] with 0 < low <= high <= 1"))
 
 
 @dataclass
@@ -326,7 +267,7 @@ class ViewsConfig:
     def __post_init__(self) -> None:
         low, high = self.crop_scale
         brightness, contrast, saturation, hue = self.color_jitter
-        _check(
+        check_ranges(
             ("crop_scale", 0 < low <= high <= 1, "must be [low, high] with 0 < low <= high <= 1"),
             ("color_jitter", min(brightness, contrast, saturation) >= 0 and 0 <= hue <= 0.5,
              "must be four non-negative strengths, the hue's at most 0.5"),
@@ -376,7 +317,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         weights = self.train_data_weights
         num_patterns = len([part for part in self.train_shards.split("::") if part])
-        _check(
+        check_ranges(
             ("train_num_samples", self.train_num_samples is None or self.train_num_samples >= 1, "must be at least 1"),
             ("train_num_samples", self.train_num_samples is not None or not self.resampled,
              "must be set when resampled is true: it is the length of an epoch, as no pass over the shards ends"),
@@ -447,7 +388,7 @@ class TrainConfig:
     select_metric: str | None = None
 
     def __post_init__(self) -> None:
-        _check(
+        check_ranges(
             ("epochs", self.epochs >= 1, "must be at least 1"),
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be at least 1"),
             ("lr", self.lr > 0, "must be positive"),
@@ -476,7 +417,20 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of builtins (safe for YAML, JSON and ``weights_only`` checkpoints)."""
-        return _to_builtin(dataclasses.asdict(self))
+        return section_dict(self)
+
+
+def section_dict(section: Any) -> dict[str, Any]:
+    """A config dataclass as the plain nested dict a file holds: builtins only, the modality sections
+    beside the model's other keys."""
+    out: dict[str, Any] = {}
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if "flatten" in item.metadata:
+            out.update({name: _to_builtin(child) for name, child in value.items()})
+        else:
+            out[item.name] = _to_builtin(value)
+    return out
 
 
 def bundled_configs_dir() -> Path:
@@ -541,7 +495,7 @@ def _merge_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
             # A section the file leaves out (all defaults) is created; a key that is no section is an error.
-            hint = typing.get_type_hints(schema).get(part) if schema is not None else None
+            hint = _section_schemas(schema).get(part) if schema is not None else None
             schema = hint if dataclasses.is_dataclass(hint) else None
             child = node.setdefault(part, {}) if schema is not None else node.get(part)
             if not isinstance(child, dict):
@@ -572,24 +526,37 @@ def from_dict(cls: type, raw: Any, *, source: str, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {where} must be a mapping, got {_describe(raw)}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    flattened = {item.name: item.metadata["flatten"]() for item in dataclasses.fields(cls) if "flatten" in item.metadata}
+    names = [item.name for item in dataclasses.fields(cls) if item.name not in flattened]
+    names += [name for sections in flattened.values() for name in sections]
     unknown = [key for key in raw if key not in names]
     if unknown:
         key = str(unknown[0])
         close = difflib.get_close_matches(key, names, n=1)
         hint = f" (did you mean {prefix + close[0]!r}?)" if close else f" (known keys: {', '.join(names)})"
         raise ConfigError(f"{source}: unknown key {prefix + key!r}{hint}")
-    values = {
-        name: _convert(hints[name], value, source=source, key=f"{prefix}{name}")
-        for name, value in raw.items()
-    }
+    values = {name: _convert(hints[name], value, source=source, key=f"{prefix}{name}")
+              for name, value in raw.items() if name in hints}
+    for field_name, sections in flattened.items():
+        values[field_name] = {name: from_dict(section, raw[name], source=source, prefix=f"{prefix}{name}.")
+                              for name, section in sections.items() if name in raw}
     try:
         return cls(**values)
     except ConfigError as err:  # a range check in __post_init__: add the file and the section
         raise ConfigError(f"{source}: {prefix}{err}") from None
 
 
-def _check(*rules: tuple[str, bool, str]) -> None:
+def _section_schemas(cls: type) -> dict[str, Any]:
+    """Each key of dataclass ``cls`` → its type, a modality section's name → that section's dataclass."""
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        if "flatten" in item.metadata:
+            hints.pop(item.name)
+            hints.update(item.metadata["flatten"]())
+    return hints
+
+
+def check_ranges(*rules: tuple[str, bool, str]) -> None:
     """Range checks run when a config section is built: ``(key, ok, message)`` → ConfigError if not ok."""
     for key, ok, message in rules:
         if not ok:
@@ -683,6 +650,8 @@ def _describe(value: Any) -> str:
 
 
 def _to_builtin(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return section_dict(value)
     if isinstance(value, dict):
         return {k: _to_builtin(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.checkpoint_file import load_checkpoint
-from clipkit.config import IMAGE_ONLY_METHODS, ConfigError, ModelConfig
+from clipkit.config import IMAGE_ONLY_METHODS, ConfigError, ModelConfig, section_dict
 from clipkit.fingerprint import weights_fingerprint
 from clipkit.methods import build_heads
 from clipkit.openclip.factory import architecture_config
@@ -53,13 +53,12 @@ class ContrastiveModel(nn.Module):
             self._check_open_clip_scale()
             self.logit_bias = self._open_clip_bias(parts.logit_bias)
         else:
-            self.towers = nn.ModuleDict(
-                {name: get_modality(name, config).build_tower(config.embed_dim) for name in config.modalities}
-            )
+            plugins = [get_modality(name, config) for name in config.modalities]
+            self.towers = nn.ModuleDict({plugin.name: plugin.build_tower(config.embed_dim) for plugin in plugins})
+            for plugin in plugins:
+                plugin.link_towers(self.towers)
             self.logit_scale = nn.Parameter(torch.tensor(math.log(config.initial_logit_scale)))
             self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias)) if config.loss == "siglip" else None
-        if "video" in self.towers and "image" in self.towers:
-            self.towers["video"].frames = self.towers["image"]  # one image tower for images and video frames
         for name, checkpoint in config.init_towers.items():
             self._init_tower(name, checkpoint)
         self.locked = {name for name in config.modalities if getattr(getattr(config, name, None), "lock", False)}
@@ -96,17 +95,19 @@ class ContrastiveModel(nn.Module):
         return nn.Parameter(checkpoint_bias.clone())
 
     def _init_tower(self, name: str, checkpoint: str) -> None:
-        """Copy tower ``name`` from a clipkit checkpoint; a video tower takes an image tower's weights
-        as its frame encoder when the checkpoint has no video tower."""
+        """Copy tower ``name`` from a clipkit checkpoint, from the first of the modality's sources the
+        checkpoint has (:meth:`~clipkit.modalities.base.Modality.tower_sources`: a video tower takes an
+        image tower's weights as its frame encoder when the checkpoint has no video tower)."""
         if name not in self.towers:
             raise ValueError(f"model.init_towers names {name!r}, which is not one of model.modalities")
         weights = load_checkpoint(checkpoint)["model"]
-        source, target = f"towers.{name}.", self.towers[name]
-        if name == "video" and not any(key.startswith(source) for key in weights):
-            source, target = "towers.image.", self.towers[name].frames
+        sources = get_modality(name, self.config).tower_sources(self.towers[name])
+        found = [(prefix, target) for prefix, target in sources if any(key.startswith(prefix) for key in weights)]
+        if not found:
+            wanted = " or ".join(prefix.rstrip(".") for prefix, _ in sources)
+            raise ValueError(f"checkpoint {checkpoint} has no {wanted} to initialise the {name} tower")
+        source, target = found[0]
         state = {key[len(source):]: value for key, value in weights.items() if key.startswith(source)}
-        if not state:
-            raise ValueError(f"checkpoint {checkpoint} has no {source.rstrip('.')} to initialise the {name} tower")
         try:
             target.load_state_dict(state)
         except RuntimeError as err:
@@ -172,7 +173,7 @@ class ContrastiveModel(nn.Module):
     def config_identity(self) -> dict:
         """The model config without the keys that only say how the weights were obtained (for an open_clip
         model, with the preprocessing its weights were trained with, which a zoo tag may set)."""
-        config = dataclasses.asdict(self.config)
+        config = section_dict(self.config)
         # How the towers were trained does not change how they embed; the heads' weights, which only
         # training uses, still count in the weights' hash.
         for key in ("init_towers", "method", "ssl"):

@@ -39,11 +39,13 @@ def add_index_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="recall@10 against exact search that the search knob is tuned to reach")
     build.set_defaults(func=cmd_index_build)
 
-    search = subparsers.add_parser("search", help="query a saved index by text, image, audio or vectors")
+    search = subparsers.add_parser("search", help="query a saved index by text, a media file or vectors")
     search.add_argument("index_dir", help="a folder written by `clipkit index build`")
     search.add_argument("text", nargs="?", help="a text query (needs the model)")
-    search.add_argument("--image", help="an image file to query with")
-    search.add_argument("--audio", help="an audio file to query with")
+    search.add_argument("--file", help="a media file to query with: an image, audio clip, video, ... of "
+                        "the model's modalities")
+    search.add_argument("--modality", help="the --file's modality (default: the model's tower whose decoder "
+                        "takes its extension)")
     search.add_argument("--vector-file", help="a .npy file with one (D,) query vector or a (Q, D) batch")
     search.add_argument("--item", type=int, help="the id of an indexed item: more like it (by its stored vector)")
     search.add_argument("--model", help="the model that embeds the query: a clipkit checkpoint or "
@@ -135,9 +137,9 @@ def _queries(
     args: argparse.Namespace, index: RetrievalIndex, where: dict[str, Any] | None
 ) -> list[tuple[str, list[Hit]]]:
     """(label, hits) for each query the arguments ask for."""
-    given = [name for name in ("text", "image", "audio", "vector_file", "item") if getattr(args, name) is not None]
+    given = [name for name in ("text", "file", "vector_file", "item") if getattr(args, name) is not None]
     if len(given) != 1:
-        raise ValueError("give exactly one query: TEXT, --image, --audio, --vector-file or --item")
+        raise ValueError("give exactly one query: TEXT, --file, --vector-file or --item")
     if args.item is not None:
         try:
             return [(f"item {args.item}", index.search_item(args.item, args.k, where))]
@@ -151,9 +153,7 @@ def _queries(
     model = _load_model(args.model, args.pretrained, args.device, index, Path(args.index_dir))
     if args.text is not None:
         return [(repr(args.text), index.search_text(args.text, model, args.k, where))]
-    if args.image:
-        return [(args.image, index.search_image(args.image, model, args.k, where))]
-    return [(args.audio, index.search_audio(args.audio, model, args.k, where))]
+    return [(args.file, index.search_file(args.file, model, args.modality, args.k, where))]
 
 
 def cmd_search(args: argparse.Namespace) -> None:

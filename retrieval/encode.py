@@ -51,6 +51,19 @@ def read_input(data: bytes | str | Path) -> bytes:
     raise TypeError(f"a query must be bytes or a file path, got {type(data).__name__}")
 
 
+def file_modality(model: Any, file: bytes | str | Path) -> str:
+    """The modality of ``model`` whose evaluation decoder takes the file's extension (e.g. ``.flac`` →
+    audio); bytes carry no extension, so they need the modality named."""
+    if isinstance(file, bytes):
+        raise ValueError("a query given as bytes has no file extension: name its modality")
+    extension = Path(file).suffix.lower().lstrip(".")
+    matches = [name for name in model.modalities if extension in model.eval_decoder(name).extensions]
+    if not matches:
+        raise ValueError(f"{file}: no tower of the model ({', '.join(model.modalities)}) decodes .{extension} "
+                         f"files: name the query's modality")
+    return matches[0]
+
+
 def encode_file(model: Any, modality: str, data: bytes | str | Path) -> np.ndarray:
     """One file (bytes or path) of ``modality`` → (1, D) float32 embedding."""
     import torch

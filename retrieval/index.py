@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 
 from retrieval.embeddings import read_embeddings_dir
-from retrieval.encode import encode_file, encode_texts
+from retrieval.encode import encode_file, encode_texts, file_modality
 from retrieval.files import write_directory_atomically
 from retrieval.kinds import (
     AUTO, KEEPS_REMOVED, REFINED, IndexPlan, create_index, escalation_plans, mmap_flags, plan_index, recoded_index,
@@ -465,15 +465,11 @@ class RetrievalIndex:
             return self.search_vectors(encode_texts(model, [text]), k, where)[0]
         return self.search_vectors(encode_texts(model, text), k, where)
 
-    def search_image(self, image: bytes | str | Path, model: Any, k: int = 10,
-                     where: Mapping[str, FilterValue] | None = None) -> list[Hit]:
-        """Search with one image file (path or encoded bytes), decoded the way ``model`` evaluates images."""
-        return self.search_vectors(encode_file(model, "image", image), k, where)[0]
-
-    def search_audio(self, audio: bytes | str | Path, model: Any, k: int = 10,
-                     where: Mapping[str, FilterValue] | None = None) -> list[Hit]:
-        """Search with one audio file (path or encoded bytes), decoded the way ``model`` evaluates audio."""
-        return self.search_vectors(encode_file(model, "audio", audio), k, where)[0]
+    def search_file(self, file: bytes | str | Path, model: Any, modality: str | None = None, k: int = 10,
+                    where: Mapping[str, FilterValue] | None = None) -> list[Hit]:
+        """Search with one media file (path or encoded bytes) of ``modality``, decoded the way ``model``
+        evaluates it. Unset, the modality is the model's tower whose decoder takes the file's extension."""
+        return self.search_vectors(encode_file(model, modality or file_modality(model, file), file), k, where)[0]
 
     # ----------------------------------------------------------------------------------- files
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 import yaml
 
-from clipkit.config import ExperimentConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
+from clipkit.config import ExperimentConfig, ModelConfig
+from clipkit.modalities.image import ImageTowerConfig
+from clipkit.modalities.text import TextTowerConfig
 
 # Tests must never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,7 +15,9 @@ import torch
 import torchaudio.functional as AF
 
 from clipkit.cli import resolve_config_path
-from clipkit.config import AudioTowerConfig, ConfigError, ExperimentConfig, ModelConfig, TextTowerConfig, load_config
+from clipkit.config import ConfigError, ExperimentConfig, ModelConfig, load_config
+from clipkit.modalities.audio import AudioTowerConfig
+from clipkit.modalities.text import TextTowerConfig
 from clipkit.data.toy_audio import class_names, make_toy_audio_text
 from clipkit.eval.benchmark import evaluate_zeroshot
 from clipkit.eval.datasets import shard_batches

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from clipkit.config import AudioTowerConfig, ExperimentConfig
+from clipkit.config import ExperimentConfig
+from clipkit.modalities.audio import AudioTowerConfig
 from clipkit.data.toy_image_audio import class_names, make_toy_image_audio
 from clipkit.eval.benchmark import evaluate_zeroshot
 from clipkit.eval.encoders import load_encoder

@@ -16,7 +16,8 @@ import open_clip
 import pytest
 import torch
 
-from clipkit.config import ConfigError, ModelConfig, OpenClipConfig, TrainConfig, VideoTowerConfig
+from clipkit.config import ConfigError, ModelConfig, OpenClipConfig, TrainConfig
+from clipkit.modalities.video import VideoTowerConfig
 from clipkit.model import create_model
 from clipkit.train.optim import _no_weight_decay, build_optimizer, build_scheduler
 from clipkit.train.trainer import Trainer

@@ -18,8 +18,9 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from open_clip.push_to_hf_hub import save_for_hf
 from PIL import Image
 
-from clipkit.config import (ConfigError, ExperimentConfig, ImageTowerConfig, ModelConfig, OpenClipConfig,
-                            TextTowerConfig, from_dict)
+from clipkit.config import ConfigError, ExperimentConfig, ModelConfig, OpenClipConfig, from_dict
+from clipkit.modalities.image import ImageTowerConfig
+from clipkit.modalities.text import TextTowerConfig
 from clipkit.errors import PretrainedWeightsError
 from clipkit.eval.benchmark import evaluate_zeroshot
 from clipkit.eval.encoders import load_encoder

@@ -110,7 +110,7 @@ def test_search_text_and_image_load_the_model_the_index_names(built, capsys, mon
     run("search", str(tmp_path / "index"), "a photo of item 99", "--k", "1", "--json")
     assert json.loads(capsys.readouterr().out)[0]["hits"][0]["id"] == 99
     (tmp_path / "query.bin").write_bytes(b"1234")
-    run("search", str(tmp_path / "index"), "--image", str(tmp_path / "query.bin"), "--model", MODEL,
+    run("search", str(tmp_path / "index"), "--file", str(tmp_path / "query.bin"), "--modality", "image", "--model", MODEL,
         "--pretrained", "weights.pt", "--k", "1", "--json")
     assert json.loads(capsys.readouterr().out)[0]["hits"][0]["id"] == 1234
     assert loaded == [(MODEL, None, "cpu"), (MODEL, "weights.pt", "cpu")]

@@ -625,14 +625,14 @@ def test_search_text_image_and_audio_with_a_model(tmp_path, base):
     assert index.search_text("a red circle", model, k=3)[0].id == 42
     assert [hits[0].id for hits in index.search_text(["a blue square", "a red circle"], model, k=1)] == [7, 42]
     (tmp_path / "query.bin").write_bytes(b"meow")
-    assert index.search_image(tmp_path / "query.bin", model, k=1)[0].id == 99
-    assert index.search_image(str(tmp_path / "query.bin"), model, k=1)[0].id == 99
-    assert index.search_audio(b"a blue square", model, k=1)[0].id == 7
+    assert index.search_file(tmp_path / "query.bin", model, "image", k=1)[0].id == 99
+    assert index.search_file(str(tmp_path / "query.bin"), model, "image", k=1)[0].id == 99
+    assert index.search_file(b"a blue square", model, "audio", k=1)[0].id == 7
     cluster = metadata[7]["cluster"]
     hits = index.search_text("a red circle", model, k=3, where={"cluster": cluster})
     assert len(hits) == 3 and all(hit.metadata["cluster"] == cluster for hit in hits)
     with pytest.raises(FileNotFoundError):
-        index.search_image(tmp_path / "missing.jpg", model)
+        index.search_file(tmp_path / "missing.jpg", model, "image")
 
 
 def test_search_text_with_a_real_tiny_model(tiny_config):
@@ -656,5 +656,5 @@ def test_decoder_gets_bytes_and_a_seeded_rng(base):
     model.eval_decoder = lambda modality: FieldDecoder(
         modality, ("bin",), lambda data, rng: seen.append((data, isinstance(rng, random.Random))) or decode(data, rng))
     index = RetrievalIndex.build(base[0][:10], kind="exact")
-    assert index.search_image(b"x", model, k=1)[0].id == 3
+    assert index.search_file(b"x", model, "image", k=1)[0].id == 3
     assert seen == [(b"x", True)]

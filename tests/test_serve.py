@@ -233,7 +233,7 @@ def test_real_photographs_of_any_size_and_mode_are_answered_as_the_library_answe
     with Client(service) as client:
         for name, data in photos.items():
             hits = client.search(image=data, index="toy", k=5)
-            assert [hit.id for hit in hits] == [hit.id for hit in index.search_image(data, model, k=5)], name
+            assert [hit.id for hit in hits] == [hit.id for hit in index.search_file(data, model, "image", k=5)], name
 
 
 def test_metrics_give_seconds_per_stage(service):

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from clipkit.config import ExperimentConfig, ModelConfig, TextTowerConfig, VideoTowerConfig
+from clipkit.config import ExperimentConfig, ModelConfig
+from clipkit.modalities.text import TextTowerConfig
+from clipkit.modalities.video import VideoTowerConfig
 from clipkit.data.pipeline import ShardStream
 from clipkit.data.toy_video import MOTIONS, VIDEO_COLOURS, class_names, encode_mp4, make_toy_video_text
 from clipkit.eval.benchmark import evaluate_zeroshot

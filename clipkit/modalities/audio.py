@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import soundfile
@@ -20,9 +21,71 @@ import torchaudio.functional as AF
 import torchaudio.transforms as AT
 from torch import nn
 
-from clipkit.config import AudioTowerConfig, AugmentConfig, ModelConfig
-from clipkit.modalities.base import FieldDecoder, Modality
+from clipkit.config import AugmentConfig, ConfigError, ModelConfig, check_ranges
+from clipkit.modalities.base import FieldDecoder, Modality, register_modality
 from clipkit.pretrained import create_timm_trunk
+
+# Audio front-end presets: the settings of the models clipkit is compared against.
+AUDIO_PRESETS: dict[str, dict[str, Any]] = {
+    # CLAP (LAION): 48 kHz, 1024-point FFT, 10 ms hop, 64 mel bins from 50 Hz to 14 kHz.
+    "clap": {"sample_rate": 48_000, "features": "mel", "n_fft": 1024, "hop_length": 480, "n_mels": 64,
+             "f_min": 50.0, "f_max": 14_000.0},
+    # ImageBind: 16 kHz Kaldi filterbanks, 25 ms frames every 10 ms, 128 mel bins.
+    "imagebind": {"sample_rate": 16_000, "features": "kaldi_fbank", "n_fft": 400, "hop_length": 160,
+                  "n_mels": 128, "f_min": 20.0, "f_max": None},
+}
+
+
+@dataclass
+class AudioTowerConfig:
+    """Waveforms → log-mel features (computed on the device) → a timm model over them as a
+    one-channel image → linear projection."""
+
+    timm_name: str = "resnet18"
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # "clap" or "imagebind" sets sample_rate, features, n_fft, hop_length, n_mels, f_min and f_max.
+    preset: str | None = None
+    sample_rate: int = 48_000
+    # Every clip is cropped (randomly in training, centred in evaluation) or repeat-padded to this.
+    clip_seconds: float = 10.0
+    features: Literal["mel", "kaldi_fbank"] = "mel"
+    n_fft: int = 1024
+    hop_length: int = 480
+    n_mels: int = 64
+    f_min: float = 50.0
+    f_max: float | None = 14_000.0
+    # SpecAugment in training: up to this many mel bins / frames masked (0 = off), twice each.
+    freq_mask: int = 0
+    time_mask: int = 0
+    lock: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            if self.preset not in AUDIO_PRESETS:
+                raise ConfigError(f"preset must be one of {', '.join(AUDIO_PRESETS)}, got {self.preset!r}")
+            defaults = AudioTowerConfig()
+            for key, value in AUDIO_PRESETS[self.preset].items():
+                given = getattr(self, key)
+                if given != getattr(defaults, key) and given != value:
+                    raise ConfigError(f"{key} is set by preset {self.preset!r} ({value}); remove one of them")
+                setattr(self, key, value)
+            self.preset = None  # applied: a saved config holds the values themselves
+        check_ranges(
+            ("sample_rate", self.sample_rate >= 1000, "must be at least 1000 Hz"),
+            ("clip_seconds", self.clip_seconds > 0, "must be positive"),
+            ("n_mels", self.n_mels >= 1, "must be at least 1"),
+            ("hop_length", 0 < self.hop_length <= self.n_fft, "must be in (0, n_fft]"),
+            ("f_max", self.f_max is None or self.f_min < self.f_max <= self.sample_rate / 2,
+             "must lie above f_min and at most sample_rate / 2"),
+            ("freq_mask", 0 <= self.freq_mask < self.n_mels, "must be in [0, n_mels)"),
+            ("time_mask", self.time_mask >= 0, "must be non-negative"),
+        )
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per clip: (clip_seconds × sample_rate)."""
+        return round(self.clip_seconds * self.sample_rate)
+
 
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
 # log-mel values are standardised with fixed constants (not per batch or per clip): loudness is
@@ -122,8 +185,20 @@ class AudioTower(nn.Module):
         return self.proj(self.trunk(self.features(waves)))
 
 
+@register_modality
 class AudioModality(Modality):
     name = "audio"
+    config_section = AudioTowerConfig
+    template_sets = {
+        # Sound events, CLAP-style.
+        "audio": (
+            "the sound of a {}.",
+            "a recording of a {}.",
+            "{} can be heard.",
+            "an audio clip of {}.",
+            "this is the sound of {}.",
+        ),
+    }
 
     def __init__(self, config: AudioTowerConfig) -> None:
         self.config = config

@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,10 +16,29 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from clipkit.config import AugmentConfig, ImageTowerConfig, ModelConfig, ViewsConfig
-from clipkit.modalities.base import FieldDecoder, Modality
+from clipkit.config import AugmentConfig, ModelConfig, ViewsConfig
+from clipkit.modalities.base import FieldDecoder, Modality, register_modality
 from clipkit.modalities.image_views import ViewDecoder
 from clipkit.pretrained import create_timm_trunk
+
+
+@dataclass
+class ImageTowerConfig:
+    """A timm trunk whose pooled features are projected to the shared embedding width."""
+
+    timm_name: str = "resnet18"
+    pretrained: bool = False
+    # A local timm checkpoint (.safetensors / .pth); the hub is used only when this is unset and
+    # `pretrained` is true.
+    pretrained_file: str | None = None
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # Extra keyword arguments for `timm.create_model` (drop_path_rate, widths of test models, ...).
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # LiT ("lock image tower"): freeze the whole tower, weights and normalisation statistics.
+    lock: bool = False
+
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # torchvision's RandomResizedCrop defaults: aspect ratios 3/4 to 4/3, 10 tries before the fallback.
@@ -168,8 +188,31 @@ class ImageTower(nn.Module):
         return self.proj(self.trunk(images))
 
 
+@register_modality
 class ImageModality(Modality):
     name = "image"
+    config_section = ImageTowerConfig
+    template_sets = {
+        # Photographs of objects, with the variations web alt-text usually has.
+        "photo": (
+            "a photo of a {}.",
+            "a photo of the {}.",
+            "a close-up photo of a {}.",
+            "a cropped photo of a {}.",
+            "a bright photo of a {}.",
+            "a dark photo of a {}.",
+            "a blurry photo of a {}.",
+            "a low resolution photo of a {}.",
+            "a good photo of a {}.",
+            "a photo of a small {}.",
+            "a photo of a large {}.",
+            "an image of a {}.",
+            "a picture of a {}.",
+            "a drawing of a {}.",
+            "a rendering of a {}.",
+            "art of a {}.",
+        ),
+    }
 
     def __init__(self, config: ImageTowerConfig, augment: AugmentConfig) -> None:
         self.config = config

@@ -12,9 +12,31 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
 from torch import nn
 
-from clipkit.config import AugmentConfig, ModelConfig, TextTowerConfig
+from clipkit.config import AugmentConfig, ModelConfig, check_ranges
 from clipkit.data.captions import parse_captions
-from clipkit.modalities.base import FieldDecoder, Modality
+from clipkit.modalities.base import FieldDecoder, Modality, register_modality
+
+@dataclass
+class TextTowerConfig:
+    """A transformer over open_clip's BPE tokens, pooled at the end-of-text token."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    causal: bool = True
+    # Freeze the whole text tower.
+    lock: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            ("heads", self.heads >= 1 and self.width % self.heads == 0,
+             f"must divide width ({self.width}) into attention heads of equal size"),
+            ("context_length", self.context_length >= 2, "must be at least 2 (start and end tokens)"),
+        )
+
 
 TEXT_EXTENSIONS = ("txt",)
 
@@ -85,8 +107,10 @@ def build_text_tower(config: TextTowerConfig, embed_dim: int) -> nn.Module:
     )
 
 
+@register_modality
 class TextModality(Modality):
     name = "text"
+    config_section = TextTowerConfig
 
     def __init__(self, config: TextTowerConfig) -> None:
         self.config = config

@@ -11,6 +11,7 @@ import io
 import math
 import random
 from dataclasses import dataclass
+from typing import Literal
 from typing import Callable
 
 import av
@@ -21,9 +22,29 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 from torch import nn
 
-from clipkit.config import AugmentConfig, ImageTowerConfig, ModelConfig, VideoTowerConfig
-from clipkit.modalities.base import FieldDecoder, Modality
-from clipkit.modalities.image import ImageTower, random_resized_crop_box, resize_centre_crop
+from clipkit.config import AugmentConfig, ModelConfig, check_ranges
+from clipkit.modalities.base import FieldDecoder, Modality, register_modality
+from clipkit.modalities.image import ImageTower, ImageTowerConfig, random_resized_crop_box, resize_centre_crop
+
+@dataclass
+class VideoTowerConfig:
+    """``num_frames`` frames per clip, each through the image tower (``model.image`` describes it;
+    with image in the model too, the two share one tower), then pooled over time."""
+
+    num_frames: int = 8
+    # "mean" averages frame features; "transformer" runs a small temporal transformer first.
+    pooling: Literal["mean", "transformer"] = "mean"
+    temporal_layers: int = 1
+    temporal_heads: int = 4
+    lock: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            ("num_frames", self.num_frames >= 1, "must be at least 1"),
+            ("temporal_layers", self.temporal_layers >= 1, "must be at least 1"),
+            ("temporal_heads", self.temporal_heads >= 1, "must be at least 1"),
+        )
+
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi")
 
@@ -199,8 +220,19 @@ class VideoTower(nn.Module):
         return features.mean(dim=1)
 
 
+@register_modality
 class VideoModality(Modality):
     name = "video"
+    config_section = VideoTowerConfig
+    template_sets = {
+        # Short clips of actions or moving things.
+        "video": (
+            "a video of {}.",
+            "a clip of {}.",
+            "a video of a person {}.",
+            "footage of {}.",
+        ),
+    }
 
     def __init__(self, image: ImageTowerConfig, video: VideoTowerConfig, augment: AugmentConfig) -> None:
         self.image = image
@@ -224,3 +256,12 @@ class VideoModality(Modality):
     def build_tower(self, embed_dim: int) -> nn.Module:
         """A :class:`VideoTower` over a fresh image tower (``model.image``) as its frame encoder."""
         return VideoTower(ImageTower(self.image, embed_dim), self.video, embed_dim)
+
+    def link_towers(self, towers: nn.ModuleDict) -> None:
+        """With an image tower in the model too, the video tower embeds its frames with it: one tower."""
+        if "image" in towers:
+            towers[self.name].frames = towers["image"]
+
+    def tower_sources(self, tower: nn.Module) -> list[tuple[str, nn.Module]]:
+        """A checkpoint's video tower, or else its image tower as the frame encoder."""
+        return [*super().tower_sources(tower), ("towers.image.", tower.frames)]
