@@ -156,6 +156,17 @@ def test_an_installed_modality_trains_saves_and_reloads_without_changes_to_clipk
     bare = subprocess.run([sys.executable, "-m", "clipkit", "train", "--config", str(config)],
                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=300)
     assert bare.returncode != 0 and "unknown key 'model.vector'" in bare.stderr
+    # A plug-in that fails to import is named, not skipped: a skipped one would make its configs unreadable.
+    (site / "clipkit_broken-0.1.dist-info").mkdir()
+    (site / "clipkit_broken-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: clipkit-broken\n"
+                                                                    "Version: 0.1\n")
+    (site / "clipkit_broken-0.1.dist-info" / "entry_points.txt").write_text("[clipkit.modalities]\nbroken = clipkit_broken\n")
+    (site / "clipkit_broken.py").write_text("raise RuntimeError('needs libfoo')\n")
+    broken = subprocess.run([sys.executable, "-c", "import clipkit.modalities"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert broken.returncode != 0
+    assert "the modality plug-in 'broken' (clipkit_broken, entry point group clipkit.modalities) failed to load: " \
+           "needs libfoo" in broken.stderr
 
 
 def test_sections_are_registered_by_the_modality_files():

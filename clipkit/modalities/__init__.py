@@ -24,7 +24,11 @@ def _import_plugins() -> None:
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        entry.load()
+        try:
+            entry.load()
+        except Exception as err:  # say which installed package broke every clipkit command
+            raise ImportError(f"the modality plug-in {entry.name!r} ({entry.value}, entry point group "
+                              f"{ENTRY_POINT_GROUP}) failed to load: {err}") from err
 
 
 _import_plugins()
