@@ -142,11 +142,18 @@ def cmd_eval_linear_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from clipkit.eval.embed_dir import embed_to_dir
+    from clipkit.distributed import init_distributed
+    from clipkit.eval.embed_dir import RANKS_WAIT, embed_to_dir
+    from clipkit.eval.encoders import load_encoder
 
-    summary = embed_to_dir(_encoder(args), args.modality, args.dataset, args.out, batch_size=args.batch_size,
-                           progress=not args.no_progress)
-    print(summary.describe(args.modality, args.out))
+    # Under torchrun each rank takes its share of the parts on its own GPU; the ranks meet only to
+    # merge their records, over gloo.
+    job = init_distributed(args.device, backend="gloo", timeout=RANKS_WAIT)
+    encoder = load_encoder(args.model, args.pretrained, device=str(job.device), allow_download=args.allow_download)
+    summary = embed_to_dir(encoder, args.modality, args.dataset, args.out, batch_size=args.batch_size,
+                           num_workers=args.workers, progress=not args.no_progress)
+    if job.is_main:
+        print(summary.describe(args.modality, args.out))
 
 
 def cmd_export_open_clip(args: argparse.Namespace) -> None:
@@ -191,6 +198,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from clipkit.train.trainer import Trainer
 
     trainer = None
+    finished = False
     try:
         trainer = Trainer(config, progress=not args.no_progress)
         result = trainer.fit()
@@ -199,10 +207,11 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"{verb} {result.steps} steps ({result.samples} samples) in {result.seconds:.0f} s, "
                   f"final loss {result.final_loss:.4f}; skipped samples: {result.skipped}")
             print(f"checkpoint: {result.checkpoint}")
+        finished = True
     finally:
         if trainer is not None:
             trainer.close()
-        shutdown_distributed()
+        shutdown_distributed(wait_for_others=finished)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -383,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="embeddings folder; parts already there are kept and new ones added")
     embed.add_argument("--modality", default="image", help="the modality to embed (default: image)")
     embed.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
+    embed.add_argument("--workers", type=int, default=4,
+                       help="data-loader workers decoding samples, per rank (default: 4; 0 decodes in the main "
+                            "process). Under torchrun (`torchrun --nproc_per_node=N -m clipkit.embed ...`) the "
+                            "ranks share the parts")
     _add_progress_arg(embed)
     embed.set_defaults(func=cmd_embed)
     add_index_commands(sub)

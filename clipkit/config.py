@@ -350,6 +350,10 @@ class TrainConfig:
     schedule: Literal["cosine", "constant", "const-cooldown"] = "cosine"
     cooldown_steps: int = 0
     device: str = "auto"
+    # How long a rank waits in a collective (the gradient all-reduce, the loss's gathers) before it fails
+    # with an error naming the lost rank, instead of hanging when a process or node of the job dies or
+    # stalls. It must outlast rank 0's evaluations and checkpoint saves, which the others wait through.
+    collective_timeout_s: float = 1800.0
     # "auto": bf16 autocast on CUDA, fp32 on the CPU. "fp16" adds a gradient scaler.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_clip_norm: float | None = None
@@ -397,6 +401,7 @@ class TrainConfig:
             ("eps", self.eps > 0, "must be positive"),
             ("warmup_steps", self.warmup_steps >= 0, "must not be negative"),
             ("cooldown_steps", self.cooldown_steps >= 0, "must not be negative"),
+            ("collective_timeout_s", self.collective_timeout_s > 0, "must be positive"),
             ("grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm > 0, "must be positive"),
             ("accum_freq", self.accum_freq >= 1, "must be at least 1"),
             ("save_every", self.save_every is None or self.save_every >= 1, "must be at least 1"),

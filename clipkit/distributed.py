@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,8 +51,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device_name: str = "auto") -> DistributedContext:
-    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU), or run as a single process."""
+def init_distributed(device_name: str = "auto", backend: str | None = None,
+                     timeout: timedelta | None = None) -> DistributedContext:
+    """Join torchrun's process group (``backend``, by default NCCL on CUDA and gloo on the CPU, with
+    torch's default collective ``timeout`` unless given), or run as a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -59,16 +62,25 @@ def init_distributed(device_name: str = "auto") -> DistributedContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, timeout=timeout,
+                                device_id=device if backend == "nccl" else None)
     return DistributedContext(rank, world_size, local_rank, device)
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group once every rank is done with it."""
+def shutdown_distributed(wait_for_others: bool = True) -> None:
+    """Leave the process group, once every rank is done with it unless ``wait_for_others`` is False
+    (after a failure: the others may be gone)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed: a peer gone or a timeout. NCCL's surface as
+    ``DistError``; gloo's as plain ``RuntimeError`` whose message names gloo's source file."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -14,5 +14,10 @@ class DataError(ClipkitError):
     class labels that are not there."""
 
 
+class LostRanksError(ClipkitError):
+    """A rank of a distributed job could not reach the others: one died, or stopped answering within
+    the collective timeout."""
+
+
 class PretrainedWeightsError(RuntimeError):
     """Pretrained weights were asked for but could not be found, fetched or fitted to the model."""

@@ -104,10 +104,14 @@ class Embeddings(NamedTuple):
 
 
 def _read_manifest(directory: Path) -> EmbeddingsManifest:
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
+    if not (directory / MANIFEST_FILE).is_file():
         raise EmbeddingsFormatError(f"{directory} has no {MANIFEST_FILE}: not an embeddings directory, "
                                     "or `clipkit embed` did not finish")
+    return read_manifest_file(directory / MANIFEST_FILE)
+
+
+def read_manifest_file(path: Path) -> EmbeddingsManifest:
+    """One manifest file: ``manifest.json``, or the progress file of one rank of a ``clipkit embed`` job."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -227,12 +231,12 @@ def write_embedding_shard(
 
 
 def write_manifest(directory: str | Path, model: str, modality: str, dim: int, shards: Sequence[str],
-                   **details: Any) -> None:
-    """Write ``manifest.json`` (atomically) listing ``shards``, which must all be written;
-    ``details`` are the optional fields of :class:`EmbeddingsManifest`."""
+                   file_name: str = MANIFEST_FILE, **details: Any) -> None:
+    """Write ``manifest.json`` (or another ``file_name``) atomically, listing ``shards``, which must all be
+    written; ``details`` are the optional fields of :class:`EmbeddingsManifest`."""
     details = {key: tuple(value) if isinstance(value, list) else value for key, value in details.items()}
     manifest = EmbeddingsManifest(model, modality, dim, tuple(shards), **details)
-    atomic_write_text(Path(directory) / MANIFEST_FILE, manifest.to_json())
+    atomic_write_text(Path(directory) / file_name, manifest.to_json())
 
 
 def read_manifest(path: str | Path) -> EmbeddingsManifest:

@@ -14,7 +14,8 @@ from clipkit.cli import main
 from clipkit.config import ExperimentConfig
 from clipkit.eval.embed import embed_shards
 from clipkit.data.writer import ShardWriter
-from clipkit.eval.embed_dir import embed_to_dir, part_stem
+from clipkit.eval.embed_dir import embed_to_dir
+from clipkit.eval.embed_parts import part_stem
 from clipkit.eval.encoders import load_encoder
 from clipkit.model import create_model
 from clipkit.train.checkpoint import save_checkpoint

@@ -454,12 +454,12 @@ def _collate(items: list[dict[str, Any]], skipped: Counter[str], counts: ReadCou
     return batch
 
 
-def worker_start_method(setting: str, stream: ShardStream) -> str | None:
-    """``data.worker_start_method`` resolved: "auto" picks forkserver when a field's decoder is
-    threaded (audio, video: threads that a fork would copy in a locked state)."""
+def worker_start_method(setting: str, fields: Sequence[FieldDecoder]) -> str | None:
+    """``data.worker_start_method`` resolved for workers that run ``fields``: "auto" picks forkserver
+    when a decoder is threaded (audio, video: threads that a fork would copy in a locked state)."""
     if setting != "auto":
         return setting
-    return "forkserver" if any(field.threaded for field in stream.decoder.fields) else None
+    return "forkserver" if any(field.threaded for field in fields) else None
 
 
 def ignore_stop_signal(worker_id: int) -> None:
@@ -486,7 +486,7 @@ def build_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
-        multiprocessing_context=worker_start_method(start_method, stream) if num_workers else None,
+        multiprocessing_context=worker_start_method(start_method, stream.decoder.fields) if num_workers else None,
         worker_init_fn=ignore_stop_signal if num_workers else None,
     )
 

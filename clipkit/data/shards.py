@@ -51,8 +51,9 @@ def is_local(url: str) -> bool:
 
 
 def missing_local_shards(urls: Sequence[str]) -> list[str]:
-    """The local shard paths that are not files (missing, or a folder named ``.tar``)."""
-    return [url for url in urls if is_local(url) and not Path(url).is_file()]
+    """The local shard paths that cannot be read as a stream: missing, or a folder named ``.tar`` (a
+    named pipe that another process writes a shard into is readable)."""
+    return [url for url in urls if is_local(url) and (not Path(url).exists() or Path(url).is_dir())]
 
 
 def natural_key(name: str) -> list[int | str]:

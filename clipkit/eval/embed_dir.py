@@ -10,35 +10,40 @@ run into a folder that holds parts keeps them and adds its own (the same shard i
 interrupted run resumes at the first unfinished part, and a folder of another model's (or
 modality's) vectors is refused.
 
+Under torchrun (a process group is up) rank ``r`` of ``W`` takes parts ``r, r + W, ...`` and
+records them in its own file (:mod:`clipkit.eval.embed_ledger`); rank 0 merges them when all are
+done, so the folder equals a one-process run's. Samples are decoded in data-loader workers
+(:mod:`clipkit.eval.embed_parts`); the main process encodes and writes.
+
 Text is embedded one vector per caption (a ``txt`` member holds one caption per line, or a JSON list).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import random
-import tarfile
-from dataclasses import dataclass
+import dataclasses
+import time
+from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from clipkit.data.captions import parse_captions
-from clipkit.data.pipeline import ShardReader
-from clipkit.data.shards import is_local
+from clipkit.distributed import rank_and_world
+from clipkit.eval.embed_ledger import FolderIdentity, PartLedger
+from clipkit.eval.embed_parts import Part, PartChunk, file_parts, part_loader, shard_parts
 from clipkit.eval.encoders import Encoder, encoder_device
 from clipkit.eval.layout import resolve_dataset
-from clipkit.modalities import FieldDecoder
-from retrieval.embeddings import MANIFEST_FILE, EmbeddingsManifest, read_manifest, write_embedding_shard, write_manifest
-from retrieval.media import media_members
+from retrieval.embeddings import EmbeddingsManifest, write_embedding_shard
 
 log = logging.getLogger(__name__)
 
-FILES_PER_CHUNK = 10_000
+# How long the ranks of a job wait for the slowest to finish its share before the merge: each has
+# about the same number of parts, but parts may differ in size and nodes in speed.
+RANKS_WAIT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -48,205 +53,123 @@ class EmbedSummary:
     vectors: int  # in the parts written by this run
     failed_samples: int
     empty_parts: int = 0  # parts with no decodable sample: nothing written
+    seconds: float = 0.0  # decoding, encoding and writing (the slowest rank's)
 
     def describe(self, modality: str, out: str | Path) -> str:
         """The line ``clipkit embed`` prints."""
         empty = f", {self.empty_parts} part(s) with no decodable sample" if self.empty_parts else ""
+        rate = f", {self.vectors / self.seconds:.0f} vectors/s" if self.vectors and self.seconds else ""
         return (f"{self.vectors} {modality} vectors in {self.shards_written} new part(s) ({self.shards_skipped} "
-                f"already done, {self.failed_samples} samples failed{empty}) in {out}")
+                f"already done, {self.failed_samples} samples failed{empty}) in {out} ({self.seconds:.1f} s{rate})")
+
+    def __add__(self, other: EmbedSummary) -> EmbedSummary:
+        """Two ranks' summaries as the job's: counts add up, the job lasts as long as the slower rank."""
+        counts = (getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "seconds")
+        return EmbedSummary(*counts, seconds=max(self.seconds, other.seconds))
 
 
-@dataclass(frozen=True)
-class _Part:
-    """One unit of output: a shard, or a chunk of files."""
-
-    stem: str
-    source: str  # the shard's full path (or URL), or the folder and chunk of files
-    samples: Iterable[dict[str, Any]]  # raw samples: {"__key__", "__url__", ext: bytes, ...}
-    reader: ShardReader | None = None  # for a shard: what it could not deliver
-
-    def lost_samples(self) -> int:
-        """Samples a broken shard should have held but did not yield (once the samples are read)."""
-        return sum(self.reader.take_counts().lost.values()) if self.reader is not None else 0
-
-
-def part_stem(name: str, source: str) -> str:
-    """A part's file stem: a readable name and a hash of its full source, so that parts of different
-    sources never share files."""
-    return f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:10]}"
-
-
-def _shard_parts(urls: Sequence[str], extensions: Sequence[str]) -> Iterator[_Part]:
-    for url in urls:
-        source = str(Path(url).resolve()) if is_local(url) else url
-        name = Path(url).name.removesuffix(".tar")
-        reader = ShardReader([*extensions, "txt", "json"])
-        yield _Part(part_stem(name, source), source, reader.read_shard(url), reader)
-
-
-def _file_sample(path: Path, root: Path) -> dict[str, Any]:
-    sample: dict[str, Any] = {"__key__": str(path.relative_to(root).with_suffix("")), "__url__": str(path),
-                              path.suffix[1:].lower(): path.read_bytes()}
-    caption = path.with_suffix(".txt")
-    if caption.is_file():
-        sample["txt"] = caption.read_bytes()
-    return sample
-
-
-def _file_parts(root: Path, extensions: Sequence[str]) -> Iterator[_Part]:
-    suffixes = {f".{ext}" for ext in extensions}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    if not files:
-        raise ValueError(f"no {'/'.join(extensions)} files under {root}")
-    for start in range(0, len(files), FILES_PER_CHUNK):
-        chunk = files[start : start + FILES_PER_CHUNK]
-        name = f"files-{start // FILES_PER_CHUNK:06d}"
-        source = f"{root.resolve()}#{name}"
-        yield _Part(part_stem(name, source), source, (_file_sample(p, root) for p in chunk))
-
-
-def _captions(sample: dict[str, Any]) -> list[str]:
-    return parse_captions(sample["txt"].decode("utf-8", errors="replace")) if "txt" in sample else []
-
-
-def _metadata(sample: dict[str, Any]) -> dict[str, Any]:
-    record: dict[str, Any] = {"key": sample["__key__"], "source": sample["__url__"]}
-    if "json" in sample:
-        try:
-            extra = json.loads(sample["json"])
-            if isinstance(extra, dict):
-                record.update({k: v for k, v in extra.items() if k not in record})
-        except ValueError:
-            pass  # metadata is a bonus: a broken KEY.json does not cost the vector
-    captions = _captions(sample)
-    if captions and "caption" not in record:
-        record["caption"] = captions[0]
-    if len(captions) > 1 and "captions" not in record:
-        record["captions"] = captions
-    return record
-
-
-def _decoded_items(encoder: Encoder, decoder: FieldDecoder, sample: dict[str, Any]
-                   ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """(input, metadata) of every vector a sample gives: one per caption for text, else one."""
-    if decoder.name == "text":
-        captions = _captions(sample)
-        if not captions:
-            raise ValueError("no caption")
-        tokens = encoder.tokenize(captions).cpu()
-        several = len(captions) > 1
-        return [(row, {**_metadata(sample), "caption": caption, **({"caption_index": i} if several else {})})
-                for i, (row, caption) in enumerate(zip(tokens, captions))]
-    ext = next((e for e in decoder.extensions if e in sample), None)
-    if ext is None:
-        raise ValueError(f"no {decoder.name} member")
-    return [(decoder.decode(sample[ext], random.Random(0)), _metadata(sample))]
-
-
-@torch.no_grad()
-def _embed_part(encoder: Encoder, decoder: FieldDecoder, part: _Part, batch_size: int
-                ) -> tuple[torch.Tensor | None, list[dict[str, Any]], int]:
-    device = encoder_device(encoder)
-    vectors: list[torch.Tensor] = []
-    records: list[dict[str, Any]] = []
-    inputs: list[torch.Tensor] = []
-    failed = 0
-
-    def flush() -> None:
-        if inputs:
-            vectors.append(encoder.encode(decoder.name, torch.stack(inputs).to(device)).float().cpu())
-            inputs.clear()
-
-    for sample in part.samples:
-        try:
-            items = _decoded_items(encoder, decoder, sample)
-        except Exception as err:  # one bad sample is counted and logged, never fatal
-            failed += 1
-            log.warning("skipping %s in %s: %s: %s", sample["__key__"], sample["__url__"], type(err).__name__, err)
-            continue
-        for value, record in items:
-            inputs.append(value)
-            records.append(record)
-            if len(inputs) == batch_size:
-                flush()
-    flush()
-    return (torch.cat(vectors) if vectors else None), records, failed
-
-
-def _record_media_offsets(shard: Path, records: list[dict[str, Any]]) -> None:
-    """Add where each record's media member lies in ``shard`` (``{"media": {"type", "offset",
-    "size"}}``), so that ``clipkit serve`` reads it back with one seek; a shard that cannot be listed
-    again leaves the records as they are (the service then lists it itself)."""
-    try:
-        members = media_members(shard)
-    except (tarfile.TarError, OSError) as err:
-        log.warning("%s: media offsets not recorded (%s)", shard, err)
-        return
-    for record in records:
-        found = members.get(record["key"])
-        if found is not None and "media" not in record:
-            kind, offset, size = found
-            record["media"] = {"type": kind, "offset": offset, "size": size}
-
-
-def _check_folder(existing: EmbeddingsManifest, out: Path, encoder: Encoder, modality: str, fingerprint: str) -> None:
+def _check_folder(existing: EmbeddingsManifest, out: Path, encoder: Encoder, identity: FolderIdentity) -> None:
     """Refuse to add vectors to a folder of another model's or modality's vectors."""
-    if existing.modality != modality:
-        raise ValueError(f"{out} holds {existing.modality} embeddings of {existing.model}, not {modality}: "
+    if existing.modality != identity.modality:
+        raise ValueError(f"{out} holds {existing.modality} embeddings of {existing.model}, not {identity.modality}: "
                          "use another folder")
     if existing.model_fingerprint is None:
         raise ValueError(f"{out} holds embeddings without a model fingerprint (an older clipkit): which model "
                          "made them cannot be checked, so none are added; use another folder")
-    if existing.model_fingerprint != fingerprint:
+    if existing.model_fingerprint != identity.fingerprint:
         raise ValueError(f"{out} holds embeddings of another model (fingerprint {existing.model_fingerprint}, "
-                         f"recorded as {existing.model}) than {encoder.name} (fingerprint {fingerprint}): their "
-                         "vectors are not comparable; use another folder")
+                         f"recorded as {existing.model}) than {encoder.name} (fingerprint {identity.fingerprint}): "
+                         "their vectors are not comparable; use another folder")
+
+
+class _PartInProgress:
+    """The vectors and records of one part, gathered chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.vectors: list[torch.Tensor] = []
+        self.records: list[dict[str, Any]] = []
+        self.failed = 0
+
+
+@torch.no_grad()
+def _encode(encoder: Encoder, modality: str, chunk: PartChunk) -> torch.Tensor:
+    """(B, D) float32 unit-norm vectors of a chunk's inputs, on the CPU."""
+    inputs = encoder.tokenize(chunk.inputs) if modality == "text" else chunk.inputs
+    return encoder.encode(modality, inputs.to(encoder_device(encoder))).float().cpu()
 
 
 def embed_to_dir(encoder: Encoder, modality: str, dataset: str, out_dir: str | Path, *, batch_size: int = 256,
-                 progress: bool = True) -> EmbedSummary:
+                 num_workers: int = 0, progress: bool = True) -> EmbedSummary:
     """Embed ``modality`` of every sample of ``dataset`` (shards, or a folder of files with optional
     sidecar ``.txt`` captions) into ``out_dir``, keeping the parts already there (see the module's
-    docstring). The manifest is rewritten after each part, so a killed run loses at most one part."""
+    docstring), with ``num_workers`` data-loader workers decoding. A part is recorded as soon as it is
+    written, so a killed run loses at most the parts in flight. Inside a process group every rank
+    calls this and gets the whole job's summary."""
     out = Path(out_dir)
+    rank, world_size = rank_and_world()
     decoder = encoder.eval_decoder(modality)
-    fingerprint = encoder.fingerprint()
     spec = getattr(encoder, "spec", None)
-    existing = read_manifest(out) if (out / MANIFEST_FILE).is_file() else None
-    if existing is not None:
-        _check_folder(existing, out, encoder, modality, fingerprint)
+    identity = FolderIdentity(encoder.name, modality, encoder.fingerprint(),
+                              {"model": spec.model, "pretrained": spec.pretrained} if spec else None)
+    ledger = PartLedger(out, identity, rank, world_size)
+    for manifest in ledger.existing:
+        _check_folder(manifest, out, encoder, identity)
     layout = resolve_dataset(dataset)
     if layout.kind == "csv":
         raise ValueError(f"clipkit embed reads shards or a folder of files, not a CSV: {dataset}")
-    parts = (_shard_parts(layout.shards, decoder.extensions) if layout.kind == "shards"
-             else _file_parts(layout.folder, decoder.extensions))
-    stems = list(existing.shards) if existing else []
-    counts = list(existing.counts or []) if existing else []
-    sources = list(existing.sources or []) if existing else []
-    dim = existing.dim if existing else None
-    written = skipped = vectors = failed = empty = 0
-    for part in tqdm(parts, desc=f"embedding {modality}", unit="part", disable=not progress):
-        if part.stem in stems:
-            skipped += 1
+    parts = (shard_parts(layout.shards) if layout.kind == "shards"
+             else file_parts(layout.folder, decoder.extensions))
+    mine = parts[rank::world_size]
+    todo = [part for part in mine if part.stem not in ledger.done]
+    summary = _embed_parts(encoder, modality, todo, ledger, out, batch_size=batch_size, num_workers=num_workers,
+                           progress=progress and rank == 0)
+    summary = dataclasses.replace(summary, shards_skipped=len(mine) - len(todo))
+    if world_size > 1:
+        gathered: list[EmbedSummary | None] = [None] * world_size
+        dist.all_gather_object(gathered, summary)  # also waits for every rank to finish its parts
+        summary = sum(gathered[1:], gathered[0])  # type: ignore[arg-type]
+    listed = ledger.merge([part.stem for part in parts]) if rank == 0 else None
+    if world_size > 1:
+        dist.barrier()  # no rank returns before the merged manifest is there
+    if listed == 0:
+        raise ValueError(f"no decodable {modality} samples in {dataset} ({summary.failed_samples} failed)")
+    return summary
+
+
+def _embed_parts(encoder: Encoder, modality: str, parts: list[Part], ledger: PartLedger, out: Path, *,
+                 batch_size: int, num_workers: int, progress: bool) -> EmbedSummary:
+    """Encode and write ``parts``, recording each in ``ledger`` as it completes."""
+    written = vectors = failed = empty = 0
+    if not parts:
+        return EmbedSummary(0, 0, 0, 0)
+    start = time.perf_counter()
+    in_progress: dict[int, _PartInProgress] = {}
+    bar = tqdm(total=len(parts), desc=f"embedding {modality}", unit="part", disable=not progress)
+    for chunk in part_loader(parts, encoder.eval_decoder(modality), batch_size, num_workers):
+        gathered = in_progress.setdefault(chunk.part, _PartInProgress())
+        gathered.failed += chunk.failed
+        if chunk.records:
+            gathered.vectors.append(_encode(encoder, modality, chunk))
+            gathered.records.extend(chunk.records)
+        if not chunk.last:
             continue
-        features, records, bad = _embed_part(encoder, decoder, part, batch_size)
-        failed += bad + part.lost_samples()
-        if part.reader is not None and is_local(part.source) and part.source.endswith(".tar"):
-            _record_media_offsets(Path(part.source), records)
-        if features is None:
+        del in_progress[chunk.part]
+        part = parts[chunk.part]
+        failed += gathered.failed + chunk.lost
+        bar.update()
+        if not gathered.records:
             log.warning("%s: no decodable %s sample; nothing written for it", part.source, modality)
             empty += 1
             continue
-        dim = dim or features.shape[1]
-        write_embedding_shard(out, part.stem, features, records)
-        stems.append(part.stem)
-        counts.append(len(records))
-        sources.append(part.source)
-        write_manifest(out, encoder.name, modality, dim, stems, counts=counts, sources=sources,
-                       model_fingerprint=fingerprint,
-                       model_spec={"model": spec.model, "pretrained": spec.pretrained} if spec else None)
+        for record in gathered.records:
+            found = chunk.media.get(record["key"])
+            if found is not None and "media" not in record:
+                kind, offset, size = found
+                record["media"] = {"type": kind, "offset": offset, "size": size}
+        features = torch.cat(gathered.vectors)
+        write_embedding_shard(out, part.stem, features, gathered.records)
+        ledger.add(part.stem, len(gathered.records), part.source, features.shape[1])
         written += 1
-        vectors += len(records)
-    if not stems:
-        raise ValueError(f"no decodable {modality} samples in {dataset} ({failed} failed)")
-    return EmbedSummary(written, skipped, vectors, failed, empty)
+        vectors += len(gathered.records)
+    bar.close()
+    return EmbedSummary(written, 0, vectors, failed, empty, time.perf_counter() - start)

@@ -14,7 +14,7 @@ from clipkit.config import ConfigError, ExperimentConfig
 # the samples a worker had skipped, so it is allowed with a warning; see ShardStream.set_epoch.)
 CHANGEABLE = {
     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last", "train.log_every", "train.resume",
-    "train.output_dir", "train.device", "train.compile", "train.grad_checkpointing", "train.channels_last",
+    "train.output_dir", "train.device", "train.collective_timeout_s", "train.compile", "train.grad_checkpointing", "train.channels_last",
     "data.num_workers", "data.worker_start_method", "data.max_skip_fraction", "data.eval_shards",
     "data.train_shards", "data.val_shards", "data.table_columns", "train.eval_every", "train.select_metric",
 }

@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,8 +28,8 @@ from clipkit.config import ConfigError, ExperimentConfig, save_config
 from clipkit.data.pipeline import ShardStream, SkipRateGuard
 from clipkit.data.shards import count_samples
 from clipkit.data.table_shards import is_table
-from clipkit.distributed import DistributedContext, all_reduce_mean, init_distributed
-from clipkit.errors import DataError
+from clipkit.distributed import DistributedContext, all_reduce_mean, init_distributed, is_collective_failure
+from clipkit.errors import DataError, LostRanksError
 from clipkit.methods.base import embedding_spread
 from clipkit.model import ContrastiveModel
 from clipkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -163,7 +164,8 @@ class Trainer:
             raise ConfigError(f"train.output_dir {output} is a file, not a folder: choose another train.output_dir")
         self.config = config
         self.spec = spec
-        self.dist: DistributedContext = init_distributed(config.train.device)
+        self.dist: DistributedContext = init_distributed(
+            config.train.device, timeout=timedelta(seconds=config.train.collective_timeout_s))
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
         self.model: ContrastiveModel = spec.model(config, self.device)
@@ -446,6 +448,21 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        """Train to ``train.max_steps`` (or the epochs), or until SIGTERM / SIGINT; a collective that
+        fails (a rank died or stalled) raises :class:`LostRanksError`."""
+        try:
+            return self._fit()
+        except Exception as err:
+            if not (self.dist.is_distributed and is_collective_failure(err)):
+                raise
+            reason = str(err).strip().splitlines()[-1]
+            raise LostRanksError(
+                f"rank {self.dist.rank} of {self.dist.world_size} lost the others at step {self.step}: a process "
+                f"or node of the job died, or did not answer within train.collective_timeout_s="
+                f"{self.config.train.collective_timeout_s:g} ({reason}). Start the job again on every node with "
+                "--resume latest to continue from the last checkpoint") from err
+
+    def _fit(self) -> TrainResult:
         config = self.config
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
