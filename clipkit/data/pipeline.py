@@ -16,9 +16,9 @@ import logging
 import math
 import random
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -26,6 +26,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from clipkit.config import DataConfig
+from clipkit.data.remote import REMOTE_RETRY_PAUSE_S, REMOTE_SHARD_RETRIES, open_shard
 from clipkit.data.shards import ShardSource, count_samples, is_local, shard_count, shard_sources
 from clipkit.errors import DataError
 from clipkit.modalities.base import FieldDecoder
@@ -137,7 +138,7 @@ class ShardReader:
         self.count_duplicates = count_duplicates
         self.counts = ReadCounts()
         self._keys: set[int] = set()
-        self._sizes: dict[Path, dict[str, int]] = {}
+        self._sizes: dict[str, dict[str, int]] = {}
         self._reported: set[str] = set()
 
     def take_counts(self) -> ReadCounts:
@@ -149,26 +150,65 @@ class ShardReader:
             yield from self.read_shard(url)
 
     def read_shard(self, url: str) -> Iterator[dict[str, Any]]:
-        errors: list[Exception] = []
+        """The samples of one shard. A remote one whose read fails (a dropped connection, a timeout)
+        is read again, up to ``REMOTE_SHARD_RETRIES`` times, from the first sample not yet delivered."""
+        delivered = duplicates = 0
+        for attempt in range(1 + (0 if is_local(url) else REMOTE_SHARD_RETRIES)):
+            errors: list[Exception] = []
+            for index, sample in enumerate(self._attempt(url, errors)):
+                if index < delivered:  # delivered by an earlier attempt
+                    continue
+                if self.count_duplicates:
+                    key = hash(sample.get("__key__"))
+                    duplicates += key in self._keys
+                    self._keys.add(key)
+                delivered += 1
+                yield sample
+            if not errors or attempt == REMOTE_SHARD_RETRIES or is_local(url):
+                break
+            log.warning("reading shard %s failed after %d samples (%s: %s); reading it again (%d of %d)", url,
+                        delivered, type(errors[0]).__name__, errors[0], attempt + 1, REMOTE_SHARD_RETRIES)
+            time.sleep(REMOTE_RETRY_PAUSE_S * 2**attempt)  # a server that refused may be restarting
+        self._account(url, delivered, errors, duplicates)
 
+    def _attempt(self, url: str, errors: list[Exception]) -> Iterator[dict[str, Any]]:
+        """One read of a shard; a failure is appended to ``errors`` and ends it. A sample is held back
+        until the next one (or the shard's clean end) shows it complete: the one being read when the
+        stream broke may lack members."""
         def keep_going(err: Exception) -> bool:
             errors.append(err)
             return True
 
-        yielded = duplicates = 0
-        for sample in wds.tarfile_to_samples(handler=keep_going, select_files=self.select)([{"url": url}]):
-            if self.count_duplicates:
-                key = hash(sample.get("__key__"))
-                duplicates += key in self._keys
-                self._keys.add(key)
-            yielded += 1
-            yield sample
-        self._account(url, yielded, errors, duplicates)
+        if is_local(url):
+            sources: Iterable[dict[str, Any]] = wds.tariterators.url_opener([{"url": url}], handler=keep_going)
+        else:
+            try:
+                sources = [{"url": url, "stream": open_shard(url)}]
+            except (OSError, DataError) as err:  # unreachable, refused, not found: counted like a broken shard
+                errors.append(err)
+                return
+        files = wds.tariterators.tar_file_expander(sources, handler=keep_going, select_files=self.select)
+        held = None
+        try:
+            for sample in wds.tariterators.group_by_keys(files, handler=keep_going):
+                if held is not None:
+                    yield held
+                held = sample
+        finally:
+            for source in sources:
+                if "stream" in source:
+                    source["stream"].close()
+        if held is not None and not errors:
+            yield held
 
     def _account(self, url: str, yielded: int, errors: list[Exception], duplicates: int) -> None:
         """Record what shard ``url`` could not deliver, warning once per shard (a resampled stream may
         draw a broken shard again and again)."""
-        expected = shard_count(url, self._sizes) if is_local(url) else None
+        try:
+            expected = shard_count(url, self._sizes)
+        except DataError as err:  # the server that lost the shard may not answer for its sizes.json either
+            log.warning("%s", err)
+            expected = None
         lost = max(0, expected - yielded) if expected is not None else 0
         if errors:
             self.counts.broken.append(url)

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import braceexpand
 
+from clipkit.data.remote import fetch_text, parent_url
+
 SIZES_FILE = "sizes.json"
 
 
@@ -61,25 +63,40 @@ def natural_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def shard_count(shard: str, sizes_cache: dict[Path, dict[str, int]] | None = None) -> int | None:
-    """The sample count of one local shard from the ``sizes.json`` beside it (clipkit's writers), else
-    the ``NAME_stats.json`` that img2dataset writes beside ``NAME.tar`` (its ``successes``); None if
-    neither tells."""
-    path = Path(shard)
+def shard_count(shard: str, sizes_cache: dict[str, dict[str, int]] | None = None) -> int | None:
+    """The sample count of one shard from the ``sizes.json`` beside it (clipkit's writers; fetched
+    for a remote shard), else the ``NAME_stats.json`` that img2dataset writes beside a local
+    ``NAME.tar`` (its ``successes``); None if neither tells, and always for a ``pipe:`` command."""
     cache = {} if sizes_cache is None else sizes_cache
-    if path.parent not in cache:
-        index = path.parent / SIZES_FILE
-        cache[path.parent] = json.loads(index.read_text()) if index.is_file() else {}
-    count = cache[path.parent].get(path.name)
-    stats = path.with_name(f"{path.stem}_stats.json")
-    if count is None and stats.is_file():
-        count = json.loads(stats.read_text()).get("successes")
+    if shard.startswith("pipe:"):
+        return None
+    if is_local(shard):
+        path = Path(shard)
+        folder, name = str(path.parent), path.name
+    else:
+        folder, name = parent_url(shard), shard.rsplit("/", 1)[1]
+    if folder not in cache:
+        cache[folder] = _sizes_index(folder)
+    count = cache[folder].get(name)
+    if count is None and is_local(shard):
+        stats = Path(shard).with_name(f"{Path(shard).stem}_stats.json")
+        if stats.is_file():
+            count = json.loads(stats.read_text()).get("successes")
     return None if count is None else int(count)
 
 
+def _sizes_index(folder: str) -> dict[str, int]:
+    """{shard name: samples} from ``folder``'s ``sizes.json`` (a path or a URL), or {}."""
+    if is_local(folder):
+        index = Path(folder) / SIZES_FILE
+        return json.loads(index.read_text()) if index.is_file() else {}
+    text = fetch_text(f"{folder}/{SIZES_FILE}")
+    return json.loads(text) if text else {}
+
+
 def count_samples(shards: Sequence[str]) -> int | None:
-    """Total sample count of local shards, or None if any shard's count is unknown (see :func:`shard_count`)."""
-    cache: dict[Path, dict[str, int]] = {}
+    """Total sample count of shards, or None if any shard's count is unknown (see :func:`shard_count`)."""
+    cache: dict[str, dict[str, int]] = {}
     total = 0
     for shard in shards:
         count = shard_count(shard, cache)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from clipkit.data.shards import expand_shards, missing_local_shards, natural_key
+from clipkit.data.remote import cached_side_file, parent_url
+from clipkit.data.shards import expand_shards, is_local, missing_local_shards, natural_key
 from clipkit.errors import DataError
 
 CLASSNAMES_FILE = "classnames.txt"
@@ -37,7 +39,18 @@ class DatasetLayout:
 
     def side_file(self, name: str) -> Path | None:
         """A side file beside the data or one folder up (CLIP_benchmark's ``ROOT/classnames.txt``
-        beside ``ROOT/test/``), or None."""
+        beside ``ROOT/test/``), or None. Beside remote shards it is fetched into a local cache; a
+        ``pipe:`` command has no folder, so no side files."""
+        if self.shards and not is_local(self.shards[0]):
+            if self.shards[0].startswith("pipe:"):
+                return None
+            folder = parent_url(self.shards[0])
+            above = [f"{parent_url(folder)}/{name}"] if urlsplit(folder).path.strip("/") else []
+            for url in (f"{folder}/{name}", *above):
+                found = cached_side_file(url)
+                if found is not None:
+                    return found
+            return None
         for folder in (self.folder, self.folder.parent):
             if (folder / name).is_file():
                 return folder / name
