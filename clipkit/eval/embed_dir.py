@@ -21,9 +21,8 @@ Text is embedded one vector per caption (a ``txt`` member holds one caption per 
 from __future__ import annotations
 
 import logging
-import dataclasses
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -123,7 +122,7 @@ def embed_to_dir(encoder: Encoder, modality: str, dataset: str, out_dir: str | P
     todo = [part for part in mine if part.stem not in ledger.done]
     summary = _embed_parts(encoder, modality, todo, ledger, out, batch_size=batch_size, num_workers=num_workers,
                            progress=progress and rank == 0)
-    summary = dataclasses.replace(summary, shards_skipped=len(mine) - len(todo))
+    summary = replace(summary, shards_skipped=len(mine) - len(todo))
     if world_size > 1:
         gathered: list[EmbedSummary | None] = [None] * world_size
         dist.all_gather_object(gathered, summary)  # also waits for every rank to finish its parts
