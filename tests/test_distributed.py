@@ -260,6 +260,7 @@ def lose_a_node(config: ExperimentConfig, tmp_path: Path, how: signal.Signals) -
                 launcher.wait()
 
 
+@pytest.mark.slow
 def test_two_node_training_checkpoints_once_and_a_lost_node_stops_the_other(toy_shards, tmp_path):
     config = exact_config(toy_shards, tmp_path)
     config.data.batch_size = 8
