@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -37,6 +39,10 @@ def add_index_commands(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--memory-budget", default="4GB", help="the most the index may take, e.g. 4GB, 500MB")
     build.add_argument("--target-recall", type=float, default=0.95,
                        help="recall@10 against exact search that the search knob is tuned to reach")
+    build.add_argument("--on-disk", action="store_true",
+                       help="keep the IVF lists on disk, for embeddings whose index does not fit in memory: "
+                            "built in chunks beside OUT_DIR, then searched memory-mapped (read-only; "
+                            "--kind ivfrabitq or ivfpq, auto meaning ivfrabitq)")
     build.set_defaults(func=cmd_index_build)
 
     search = subparsers.add_parser("search", help="query a saved index by text, a media file or vectors")
@@ -78,11 +84,18 @@ def add_index_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_index_build(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    index = RetrievalIndex.build_from_embeddings(
-        args.embeddings_dir, kind=args.kind, opq=args.opq, memory_budget=args.memory_budget,
-        target_recall=args.target_recall,
-    )
-    index.save(args.out_dir)
+    out = Path(args.out_dir)
+    # Beside the output, so that saving moves the lists file by a rename on the same file system.
+    lists_dir = out.with_name(f".{out.name}.lists-{os.getpid()}") if args.on_disk else None
+    try:
+        index = RetrievalIndex.build_from_embeddings(
+            args.embeddings_dir, kind=args.kind, opq=args.opq, memory_budget=args.memory_budget,
+            target_recall=args.target_recall, lists_dir=lists_dir,
+        )
+        index.save(out)
+    finally:
+        if lists_dir is not None:
+            shutil.rmtree(lists_dir, ignore_errors=True)
     manifest = index.manifest
     tuned = ""
     if manifest.tuning:
@@ -91,7 +104,8 @@ def cmd_index_build(args: argparse.Namespace) -> None:
                  f"(target {manifest.tuning['target_recall_at_10']})")
     print(f"indexed {len(index):,} × {index.dim} vectors of model {index.model_name!r} as {index.kind} "
           f"({manifest.factory}){tuned}")
-    print(f"saved to {args.out_dir}: index {format_bytes(manifest.index_bytes)}, metadata "
+    lists = f", lists on disk {format_bytes(manifest.lists_bytes)}" if manifest.lists_bytes is not None else ""
+    print(f"saved to {args.out_dir}: index {format_bytes(manifest.index_bytes)}{lists}, metadata "
           f"{format_bytes(manifest.metadata_bytes)}, {time.perf_counter() - start:.1f} s")
 
 

@@ -3,6 +3,7 @@ save, load and search by vector, text, image or audio."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from retrieval.manifest import (
     read_manifest, utc_now,
 )
 from retrieval.memory import format_bytes, parse_memory
+from retrieval.ondisk import LISTS_FILE, READ_FLAGS, fill_on_disk, lists_file, place_lists
 from retrieval.search import SearchKnob, search_index
 from retrieval.store import FilterValue, MetadataStore
 from retrieval.stored_vectors import StoredVectors
@@ -168,6 +170,7 @@ class RetrievalIndex:
         self._knob = SearchKnob.from_settings(manifest.search)
         self._deleted = store.deleted_ids()
         self._stored: StoredVectors | None = None  # built on the first search by an item
+        self._scratch: Path | None = None  # where a build put its on-disk lists until the first save
 
     # ----------------------------------------------------------------------------------- building
 
@@ -185,6 +188,7 @@ class RetrievalIndex:
         model_fingerprint: str | None = None,
         model_spec: dict[str, str | None] | None = None,
         seed: int = 0,
+        lists_dir: str | Path | None = None,
     ) -> "RetrievalIndex":
         """Index N × D ``vectors`` (numpy, torch, or a ``VectorSource``); ``metadata`` yields one dict
         per vector (default: empty dicts). The vectors get ids 0..N-1.
@@ -198,13 +202,23 @@ class RetrievalIndex:
         the budget (``retrieval.kinds.escalation_plans``) until one does.
         ``model_name``, ``model_fingerprint`` and ``model_spec`` (the model's identity and how to load
         it, see ``retrieval.manifest.Manifest``) are recorded in the manifest.
+
+        With ``lists_dir`` an IVF index (``ivfrabitq``, ``ivfpq``; ``auto`` means ``ivfrabitq``) keeps its
+        inverted lists on disk there (``retrieval.ondisk``), for vectors whose index does not fit in
+        memory: ``memory_budget`` then bounds nothing, the index is read-only, and :meth:`save` moves
+        the lists file into the saved folder.
         """
         if not 0 < target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
         source = as_vector_source(vectors)
         num_vectors, dim = source.shape
         budget = parse_memory(memory_budget)
+        if lists_dir is not None:
+            kind = "ivfrabitq" if kind == AUTO else kind
+            budget = sys.maxsize  # the lists are on disk; memory holds the centroids and one chunk
         plan = plan_index(kind, num_vectors, dim, budget, opq)
+        if lists_dir is not None and plan.knob != "nprobe":
+            raise ValueError(f"inverted lists on disk need an IVF kind (ivfrabitq or ivfpq), not {plan.kind!r}")
         rng = np.random.default_rng(seed)
 
         store = MetadataStore.temporary()
@@ -217,14 +231,19 @@ class RetrievalIndex:
                                    rng, np.empty(0, np.int64))
         if plan.train_size:
             index.train(source.take(_sample_rows(num_vectors, plan.train_size, rng, exclude=tuning_rows)))
-        _add_rows(index, source, skip=tuning_rows)
+        if lists_dir is not None:
+            fill_on_disk(index, source, Path(lists_dir))
+        else:
+            _add_rows(index, source, skip=tuning_rows)
 
         manifest = Manifest(
             dim=dim, kind=plan.kind, factory=plan.factory, model=model_name, count=num_vectors,
             next_id=num_vectors, search={}, tuning=None, created=utc_now(), index_bytes=0, metadata_bytes=0,
             model_fingerprint=model_fingerprint, model_spec=model_spec,
         )
-        built = cls(index, store, manifest)
+        built = cls(index, store, manifest, read_only=lists_dir is not None)
+        if lists_dir is not None:
+            built._scratch = Path(lists_dir).resolve()
         if plan.knob is not None:
             built._tune(plan, source, source.take(tuning_rows), tuning_rows, target_recall,
                         budget if kind == AUTO else None)
@@ -238,15 +257,21 @@ class RetrievalIndex:
         With an ``escalation_budget`` (``auto``'s, in bytes) a ``plan`` that misses the target gives way
         to more accurate ones within it (``_escalate``); without, it warns.
         """
+        # Lists on disk hold every vector already (``retrieval.ondisk``): a selector keeps the queries
+        # out of their own results instead, which for IVF lists is the same as not indexing them.
+        on_disk = lists_file(self.index) is not None
         k = min(RECALL_K, self.index.ntotal)
         if len(queries) < MIN_TUNING_QUERIES or k < 1:  # too few vectors to measure recall: search widely
             widest = faiss.extract_index_ivf(self.index).nlist if plan.knob == "nprobe" else HNSW_TUNING_START
             self._set_knob(SearchKnob(plan.knob, widest), None)
-            self.index.add_with_ids(queries, rows)
+            if not on_disk:
+                self.index.add_with_ids(queries, rows)
             return
         truth = exact_neighbours(queries, source, k, exclude=rows)
-        knob, result = _tuned_knob(self.index, plan, queries, truth, target, selector=None)
-        self.index.add_with_ids(queries, rows)
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(rows)) if on_disk else None
+        knob, result = _tuned_knob(self.index, plan, queries, truth, target, selector=selector)
+        if not on_disk:
+            self.index.add_with_ids(queries, rows)
         self._set_knob(knob, _tuning_record(result))
         if result.reached:
             return
@@ -334,6 +359,9 @@ class RetrievalIndex:
     # ----------------------------------------------------------------------------------- changing
 
     def _check_writable(self) -> None:
+        if self.read_only and lists_file(self.index) is not None:
+            raise PermissionError("this index keeps its IVF lists on disk and is read-only; build it again "
+                                  "to add or remove vectors")
         if self.read_only:
             raise PermissionError("this index was loaded with mmap=True and is read-only; load it without mmap "
                                   "to add or remove vectors")
@@ -480,17 +508,24 @@ class RetrievalIndex:
         written; an existing ``path`` is replaced only if it is a saved index (or empty).
         """
         path = Path(path)
+        on_disk = lists_file(self.index) is not None
 
         def fill(directory: Path) -> None:
             faiss.write_index(self.index, str(directory / INDEX_FILE))
+            place_lists(self.index, directory, self._scratch)
             self.store.save(directory / METADATA_FILE)
+            files = (INDEX_FILE, METADATA_FILE, *((LISTS_FILE,) if on_disk else ()))
             manifest = replace(self.manifest, index_bytes=(directory / INDEX_FILE).stat().st_size,
                                metadata_bytes=(directory / METADATA_FILE).stat().st_size,
-                               checksums={name: file_checksum(directory / name) for name in (INDEX_FILE, METADATA_FILE)})
+                               lists_bytes=(directory / LISTS_FILE).stat().st_size if on_disk else None,
+                               checksums={name: file_checksum(directory / name) for name in files})
             (directory / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
 
         write_directory_atomically(path, fill, is_index_directory)
         self.manifest = read_manifest(path)
+        if on_disk:  # the lists moved into the saved folder: map them there
+            self.index = faiss.read_index(str(path / INDEX_FILE), READ_FLAGS)
+            self._scratch = None
 
     @classmethod
     def load(
@@ -506,7 +541,8 @@ class RetrievalIndex:
 
         ``mmap=True`` maps the index file instead of reading it (vectors and IVF lists are paged in
         as searches touch them, so an index larger than RAM can be searched; see
-        ``retrieval.kinds.mmap_flags`` for what stays in RAM) and makes the index read-only.
+        ``retrieval.kinds.mmap_flags`` for what stays in RAM) and makes the index read-only. An index
+        built with its lists on disk (``lists_dir``) is always mapped so, and read-only.
         Raises ``IndexFormatError`` for a missing manifest, a truncated, damaged or swapped file (each
         file's checksum is checked; ``verify=False`` skips that read of the whole index for one larger
         than is worth reading at start-up), or an index built for another model (``expect_model``: its
@@ -515,7 +551,10 @@ class RetrievalIndex:
         directory = Path(path)
         manifest = read_manifest(directory)
         manifest.check(expect_model, expect_dim, directory, expect_fingerprint)
-        for name, size in ((INDEX_FILE, manifest.index_bytes), (METADATA_FILE, manifest.metadata_bytes)):
+        files = [(INDEX_FILE, manifest.index_bytes), (METADATA_FILE, manifest.metadata_bytes)]
+        if manifest.lists_bytes is not None:
+            files.append((LISTS_FILE, manifest.lists_bytes))
+        for name, size in files:
             file = directory / name
             if not file.is_file():
                 raise IndexFormatError(f"{directory} has no {name}")
@@ -526,7 +565,8 @@ class RetrievalIndex:
             if verify and expected is not None and file_checksum(file) != expected:
                 raise IndexFormatError(f"{file} is not the file this index was saved with (its checksum "
                                        "differs): replaced or damaged")
-        flags = mmap_flags(manifest.kind) if mmap else 0
+        # Lists on disk are always mapped, and read-only (``retrieval.ondisk``).
+        flags = READ_FLAGS if manifest.lists_bytes is not None else mmap_flags(manifest.kind) if mmap else 0
         try:
             index = faiss.read_index(str(directory / INDEX_FILE), flags)
         except RuntimeError as err:
@@ -539,4 +579,4 @@ class RetrievalIndex:
         if len(store) != manifest.count or index.ntotal != indexed:
             raise IndexFormatError(f"{directory}: {index.ntotal} indexed vectors and {len(store)} metadata rows, "
                                    f"but the manifest counts {manifest.count} vectors")
-        return cls(index, store, manifest, read_only=mmap)
+        return cls(index, store, manifest, read_only=mmap or manifest.lists_bytes is not None)

@@ -58,6 +58,7 @@ class Manifest:
     checksums: dict[str, str] | None = None
     model_fingerprint: str | None = None
     model_spec: dict[str, str | None] | None = None
+    lists_bytes: int | None = None  # the size of index.ivfdata, for an index whose IVF lists are on disk
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}, indent=2) + "\n"
@@ -73,7 +74,7 @@ class Manifest:
         if data.get("version") != VERSION:
             raise IndexFormatError(f"{source} has format version {data.get('version')}; this code reads {VERSION}")
         fields = {field.name for field in dataclasses.fields(cls)}
-        missing = fields - data.keys() - {"metric", "checksums", "model_fingerprint", "model_spec"}
+        missing = fields - data.keys() - {"metric", "checksums", "model_fingerprint", "model_spec", "lists_bytes"}
         if missing:
             raise IndexFormatError(f"{source} lacks {', '.join(sorted(missing))}")
         manifest = cls(**{name: data[name] for name in fields if name in data})
