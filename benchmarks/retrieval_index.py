@@ -188,11 +188,149 @@ def report(rows: dict[str, dict], num_vectors: int, dim: int, data: str, memory_
             print(f"  {label:<24} {value:>8.3f}   target {target:<7} {'met' if met else 'NOT met'}")
 
 
+SCALE_PART_VECTORS = 1_000_000  # vectors per part of the --scale embeddings folder
+SCALE_DIM = 128
+SCALE_LISTS = 4096
+SCALE_BITS = 6
+
+
+def parse_count(text: str) -> int:
+    """``10M`` → 10,000,000; ``200k`` → 200,000; plain digits as they are."""
+    factor = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1].lower(), 1)
+    return int(float(text[:-1] if factor > 1 else text) * factor)
+
+
+class PeakAnonymousMemory:
+    """The peak of this process's anonymous resident memory (RssAnon), sampled every 0.2 s: what a build
+    needs of RAM, without the pages of memory-mapped input files, which the kernel drops under pressure."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+
+    def __enter__(self) -> "PeakAnonymousMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_scale_data(workdir: Path, num_vectors: int, dim: int) -> None:
+    """An embeddings folder (``workdir/emb``, as ``clipkit embed`` writes it, float16 parts of 1M vectors
+    with one metadata line each) of clustered vectors, 1000 queries and their exact top-10 over the
+    float16 vectors as indexed; kept for a rerun with the same ``--workdir``."""
+    from retrieval import read_embeddings_dir, write_manifest
+    from retrieval.files import atomic_write
+
+    description = {"scale": num_vectors, "dim": dim, "dtype": "float16", "queries": NUM_QUERIES}
+    described = workdir / "scale.json"
+    if described.is_file() and json.loads(described.read_text()) == description:
+        return
+    generator = ClusteredVectors(dim=dim, num_clusters=max(num_vectors // 500, 1))
+    emb = workdir / "emb"
+    emb.mkdir(parents=True, exist_ok=True)
+    stems, counts = [], []
+    for number, start in enumerate(range(0, num_vectors, SCALE_PART_VECTORS)):
+        count = min(SCALE_PART_VECTORS, num_vectors - start)
+        vectors, clusters = generator.sample(count, seed=number)
+        stem = f"part-{number:05d}"
+        atomic_write(emb / f"{stem}.npy", lambda file, v=vectors: np.save(file, v.astype(np.float16)))
+        lines = "".join(f'{{"n": {start + i}, "cluster": {c}}}\n' for i, c in enumerate(clusters.tolist()))
+        (emb / f"{stem}.jsonl").write_text(lines)
+        stems.append(stem)
+        counts.append(count)
+        print(f"  wrote {stem} ({start + count:,} of {num_vectors:,})", flush=True)
+    write_manifest(emb, "synthetic", "image", dim, stems, counts=counts)
+    queries, _ = generator.sample(NUM_QUERIES, seed=10**6)
+    np.save(workdir / "queries.npy", queries)
+    np.save(workdir / "truth.npy", exact_neighbours(queries, read_embeddings_dir(emb).vectors, 10))
+    described.write_text(json.dumps(description))
+
+
+def scale_build_phase(workdir: Path, lists: int, bits: int) -> dict:
+    import shutil
+
+    start = time.perf_counter()
+    with PeakAnonymousMemory() as memory:
+        index = RetrievalIndex.build_from_embeddings(workdir / "emb", kind="ivfrabitq", nlist=lists,
+                                                     bits=bits, lists_dir=workdir / "lists")
+        index.save(workdir / "index")
+    shutil.rmtree(workdir / "lists", ignore_errors=True)
+    manifest = index.manifest
+    return {"build_s": time.perf_counter() - start, "peak_anon": memory.peak,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "factory": manifest.factory,
+            "search": manifest.search, "tuning": manifest.tuning, "index_bytes": manifest.index_bytes,
+            "lists_bytes": manifest.lists_bytes, "metadata_bytes": manifest.metadata_bytes}
+
+
+def scale_search_phase(workdir: Path) -> dict:
+    queries, truth = np.load(workdir / "queries.npy"), np.load(workdir / "truth.npy")
+    before = rss_bytes()
+    index = RetrievalIndex.load(workdir / "index", mmap=True, verify=False)
+    loaded = rss_bytes() - before
+    index.search_vectors(queries[:BATCH], k=10)
+    qps_1, _ = queries_per_s(index, queries, 1)
+    qps_64, hits = queries_per_s(index, queries, BATCH)
+    found = np.array([[hit.id for hit in row] + [-1] * (10 - len(row)) for row in hits])
+    return {"loaded_rss": loaded, "qps_1": qps_1, "qps_64": qps_64,
+            "recall_at_10": recall_at_k(found, truth[:len(found)]), "recall_queries": len(found)}
+
+
+def run_scale(args: argparse.Namespace, num_vectors: int) -> None:
+    """``--scale N``: an on-disk IVF-RaBitQ index of N float16 vectors built from an embeddings folder
+    (lists merged on disk, in chunks), then searched memory-mapped, each in a fresh process."""
+    dim = args.dim or SCALE_DIM
+    start = time.perf_counter()
+    make_scale_data(args.workdir, num_vectors, dim)
+    print(f"data and exact ground truth: {time.perf_counter() - start:.0f} s", flush=True)
+    common = ["--workdir", str(args.workdir), "--threads", str(args.threads), "--scale", str(num_vectors),
+              "--nlist", str(args.nlist), "--bits", str(args.bits)]
+    rows = {}
+    for phase in ("build", "search"):
+        done = subprocess.run([sys.executable, __file__, "--phase", phase, *common], stdout=subprocess.PIPE,
+                              text=True, check=True)
+        rows |= json.loads(done.stdout.strip().splitlines()[-1])
+    raw = num_vectors * dim * 2
+    on_disk = rows["index_bytes"] + rows["lists_bytes"]
+    tuning = rows["tuning"] or {}
+    print(f"\n{num_vectors:,} × {dim} float16 clustered vectors ({format_bytes(raw)} of input, in parts of "
+          f"{SCALE_PART_VECTORS:,}); {faiss.omp_get_max_threads()} threads")
+    print(f"index            {rows['factory']}, lists on disk; {knob_text(rows['search'])} tuned to recall@10 "
+          f"{tuning.get('recall_at_10', '-')} (target {tuning.get('target_recall_at_10', '-')})")
+    print(f"build            {rows['build_s']:.0f} s (metadata, training, chunks, merge, tuning, save)")
+    print(f"peak memory      {format_bytes(rows['peak_anon'])} anonymous (peak RSS {format_bytes(rows['peak_rss'])}, "
+          "which counts the mapped input pages read)")
+    print(f"index size       {format_bytes(on_disk)} (lists {format_bytes(rows['lists_bytes'])}, "
+          f"{on_disk / (num_vectors * dim * 4):.3f} of float32), metadata {format_bytes(rows['metadata_bytes'])}")
+    print(f"loaded (mmap)    {format_bytes(rows['loaded_rss'])} resident after load")
+    print(f"queries/s        {rows['qps_1']:.1f} at batch 1, {rows['qps_64']:.1f} at batch {BATCH}")
+    print(f"recall@10        {rows['recall_at_10']:.3f} on {rows['recall_queries']} held-out queries vs exact search")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-vectors", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="100,000 vectors")
-    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dim", type=int, help="vector dimension (default: 512; with --scale, 128)")
+    parser.add_argument("--scale", type=parse_count, metavar="N",
+                        help="instead: an on-disk index of N float16 vectors (e.g. 10M) built from an embeddings "
+                             "folder and searched memory-mapped")
+    parser.add_argument("--nlist", type=int, default=SCALE_LISTS,
+                        help=f"with --scale: IVF lists (default {SCALE_LISTS}: 8·√N lists would cost hours of "
+                             "k-means and assignment at 10M on 2 cores)")
+    parser.add_argument("--bits", type=int, default=SCALE_BITS,
+                        help=f"with --scale: RaBitQ bits per dimension (default {SCALE_BITS})")
     parser.add_argument("--data", choices=tuple(DATA), default="clustered",
                         help="isotropic Gaussian clusters, or vectors shaped like CLIP embeddings")
     parser.add_argument("--clusters", type=int, help="clusters (default: one per 500 vectors)")
@@ -207,12 +345,24 @@ def main() -> None:
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
 
+    if args.phase and args.scale:
+        result = (scale_build_phase(args.workdir, args.nlist, args.bits) if args.phase == "build"
+                  else scale_search_phase(args.workdir))
+        print(json.dumps(result))
+        return
     if args.phase:  # a child process: one phase of one kind, one JSON line out
         phase = build_phase if args.phase == "build" else search_phase
         options = (args.memory_budget, args.target_recall) if args.phase == "build" else ()
         print(json.dumps(phase(args.workdir, args.kind, *options)))
         return
 
+    if args.scale:
+        with tempfile.TemporaryDirectory(prefix="retrieval-scale-") as scratch:
+            args.workdir = args.workdir or Path(scratch)
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            run_scale(args, args.scale)
+        return
+    args.dim = args.dim or 512
     num_vectors = 100_000 if args.quick else args.num_vectors
     names = args.kinds.split(",")
     unknown = set(names) - KINDS.keys()

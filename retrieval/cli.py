@@ -43,6 +43,10 @@ def add_index_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="keep the IVF lists on disk, for embeddings whose index does not fit in memory: "
                             "built in chunks beside OUT_DIR, then searched memory-mapped (read-only; "
                             "--kind ivfrabitq or ivfpq, auto meaning ivfrabitq)")
+    build.add_argument("--nlist", type=int, help="IVF list count (--kind ivfrabitq or ivfpq; default 8·√N): "
+                       "fewer lists train and fill faster on CPUs, for more work per query")
+    build.add_argument("--bits", type=int, help="with --kind ivfrabitq: RaBitQ bits per dimension (1, 2, 3, 4, 6 "
+                       "or 8; default the most within 1/8 of the raw size)")
     build.set_defaults(func=cmd_index_build)
 
     search = subparsers.add_parser("search", help="query a saved index by text, a media file or vectors")
@@ -90,7 +94,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     try:
         index = RetrievalIndex.build_from_embeddings(
             args.embeddings_dir, kind=args.kind, opq=args.opq, memory_budget=args.memory_budget,
-            target_recall=args.target_recall, lists_dir=lists_dir,
+            target_recall=args.target_recall, lists_dir=lists_dir, nlist=args.nlist, bits=args.bits,
         )
         index.save(out)
     finally:

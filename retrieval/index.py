@@ -17,7 +17,7 @@ from retrieval.encode import encode_file, encode_texts, file_modality
 from retrieval.files import write_directory_atomically
 from retrieval.kinds import (
     AUTO, KEEPS_REMOVED, REFINED, IndexPlan, create_index, escalation_plans, mmap_flags, plan_index, recoded_index,
-    refine_store,
+    RABITQ_BITS, MemoryBudgetError, rabitq_plan, refine_store, with_lists,
 )
 from retrieval.manifest import (
     INDEX_FILE, METADATA_FILE, MANIFEST_FILE, IndexFormatError, Manifest, file_checksum, is_index_directory,
@@ -189,6 +189,8 @@ class RetrievalIndex:
         model_spec: dict[str, str | None] | None = None,
         seed: int = 0,
         lists_dir: str | Path | None = None,
+        nlist: int | None = None,
+        bits: int | None = None,
     ) -> "RetrievalIndex":
         """Index N × D ``vectors`` (numpy, torch, or a ``VectorSource``); ``metadata`` yields one dict
         per vector (default: empty dicts). The vectors get ids 0..N-1.
@@ -206,7 +208,10 @@ class RetrievalIndex:
         With ``lists_dir`` an IVF index (``ivfrabitq``, ``ivfpq``; ``auto`` means ``ivfrabitq``) keeps its
         inverted lists on disk there (``retrieval.ondisk``), for vectors whose index does not fit in
         memory: ``memory_budget`` then bounds nothing, the index is read-only, and :meth:`save` moves
-        the lists file into the saved folder.
+        the lists file into the saved folder. ``nlist`` sets an IVF kind's list count (``ivfrabitq``,
+        ``ivfpq``; default ``retrieval.kinds.ivf_lists``'s, 8·√N), ``bits`` an ``ivfrabitq`` index's bits per
+        dimension (one of ``retrieval.kinds.RABITQ_BITS``; default the most within 1/8 of the raw size).
+        Both pin what ``auto`` would choose, so neither goes with ``auto``.
         """
         if not 0 < target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
@@ -216,7 +221,17 @@ class RetrievalIndex:
         if lists_dir is not None:
             kind = "ivfrabitq" if kind == AUTO else kind
             budget = sys.maxsize  # the lists are on disk; memory holds the centroids and one chunk
-        plan = plan_index(kind, num_vectors, dim, budget, opq)
+        if kind == AUTO and (nlist is not None or bits is not None):  # auto's escalations re-plan both
+            raise ValueError("nlist and bits need an IVF kind (ivfrabitq, or ivfpq for nlist), not auto")
+        if bits is not None and (kind != "ivfrabitq" or bits not in RABITQ_BITS):
+            raise ValueError(f"bits applies to kind='ivfrabitq', as one of {RABITQ_BITS}; got {bits} for {kind!r}")
+        plan = plan_index(kind, num_vectors, dim, budget, opq) if bits is None else rabitq_plan(bits, num_vectors, dim)
+        if nlist is not None:
+            plan = with_lists(plan, nlist, num_vectors, dim)
+        if plan.estimated_bytes(num_vectors) > budget:  # plan_index checked its own choice, not these
+            raise MemoryBudgetError(f"{plan.factory} of {num_vectors:,} vectors needs "
+                                    f"{plan.estimated_bytes(num_vectors):,} bytes, over the memory budget of "
+                                    f"{budget:,}: raise it, or keep the lists on disk")
         if lists_dir is not None and plan.knob != "nprobe":
             raise ValueError(f"inverted lists on disk need an IVF kind (ivfrabitq or ivfpq), not {plan.kind!r}")
         rng = np.random.default_rng(seed)

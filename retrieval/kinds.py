@@ -19,6 +19,7 @@ its target recall, ``escalation_plans`` are what it tries next.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 import faiss
@@ -104,6 +105,20 @@ def ivf_lists(num_vectors: int) -> int:
     return lists
 
 
+def with_lists(plan: IndexPlan, lists: int, num_vectors: int, dim: int) -> IndexPlan:
+    """``plan`` (an IVF one) with ``lists`` inverted lists instead of :func:`ivf_lists`'s choice. Fewer
+    lists cost less to train and to assign vectors to (both scale with the list count), for more
+    vectors scanned per probed list: the trade that makes 10M vectors buildable on a few CPU cores."""
+    if plan.knob != "nprobe":
+        raise ValueError(f"a list count applies to the IVF kinds, not {plan.kind!r}")
+    if not 1 <= lists <= num_vectors:
+        raise ValueError(f"the list count must be between 1 and the {num_vectors:,} vectors, got {lists}")
+    transform_bytes = dim * dim * 4 if plan.factory.startswith(("OPQ", "RR")) else 0
+    return replace(plan, factory=re.sub(r"IVF\d+", f"IVF{lists}", plan.factory),
+                   train_size=min(num_vectors, lists * TRAIN_POINTS_PER_LIST),
+                   fixed_bytes=lists * dim * 4 + transform_bytes)
+
+
 def _code_size(factory: str, dim: int) -> int:
     """Bytes per vector of the codes of a FAISS factory string (an empty, untrained index is cheap)."""
     return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).code_size
@@ -125,7 +140,7 @@ def _ivf_plan(kind: str, codes: str, num_vectors: int, dim: int, transform: str 
     )
 
 
-def _rabitq_plan(bits: int, num_vectors: int, dim: int) -> IndexPlan:
+def rabitq_plan(bits: int, num_vectors: int, dim: int) -> IndexPlan:
     return _ivf_plan("ivfrabitq", f"RaBitQ{bits}", num_vectors, dim, f"RR{dim}", bits)
 
 
@@ -151,7 +166,7 @@ def _rabitq_plans(num_vectors: int, dim: int) -> list[IndexPlan]:
     the coordinates; a random rotation first makes any vectors so (learned embeddings often have a
     few dominant coordinates).
     """
-    plans = [_rabitq_plan(bits, num_vectors, dim) for bits in reversed(RABITQ_BITS) if bits <= INITIAL_MAX_BITS]
+    plans = [rabitq_plan(bits, num_vectors, dim) for bits in reversed(RABITQ_BITS) if bits <= INITIAL_MAX_BITS]
     # The cap is per vector: centroids and rotation are a fixed cost that large indexes amortise.
     cap = dim * 4 * MAX_COMPRESSED_FRACTION
     within = [plan for plan in plans if plan.bytes_per_vector <= cap]
@@ -220,7 +235,7 @@ def escalation_plans(plan: IndexPlan, num_vectors: int, dim: int) -> list[IndexP
     """
     exact = candidate_plans("exact", num_vectors, dim)
     if plan.kind == "ivfrabitq":
-        more_bits = [_rabitq_plan(bits, num_vectors, dim) for bits in RABITQ_BITS if bits > plan.bits]
+        more_bits = [rabitq_plan(bits, num_vectors, dim) for bits in RABITQ_BITS if bits > plan.bits]
         return more_bits + [_refined_plan(plan, store, dim) for store in REFINE_STORES] + exact
     return exact if plan.kind == "hnsw" else []
 

@@ -23,8 +23,9 @@ from faiss.contrib.ondisk import merge_ondisk
 from retrieval.vectors import VectorSource
 
 LISTS_FILE = "index.ivfdata"
-# Vectors per chunk: 1M 512-d RaBitQ-3 codes are about 220 MB.
-CHUNK_VECTORS = 1_000_000
+# Vectors per chunk: a chunk's float32 rows and its rotated copy take 2 × 262,144 × 4 × d bytes (512 MB
+# at 512-d) beside its codes.
+CHUNK_VECTORS = 262_144
 # FAISS reads an on-disk index's lists file from the index file's folder (not from the path it
 # recorded), so the file keeps its name wherever the index goes.
 READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY

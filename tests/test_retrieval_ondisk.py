@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import faiss
 import numpy as np
 import pytest
 
 from clipkit.cli import main
 from retrieval import IndexFormatError, RetrievalIndex, write_embedding_shard, write_manifest
+from retrieval.kinds import MemoryBudgetError
 from retrieval.ondisk import LISTS_FILE, lists_file
 from retrieval.synthetic import ClusteredVectors
 
@@ -94,3 +96,27 @@ def test_index_build_on_disk_from_the_command_line(data, tmp_path, capsys):
                  "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert len(result["hits"]) == 3 and "n" in result["hits"][0]["metadata"]
+
+
+def test_the_list_count_can_be_set_for_ivf_kinds(data, tmp_path):
+    vectors, queries = data
+    # 32-d vectors get 1-bit codes (an eighth of their raw size), which miss the target at any nprobe.
+    with pytest.warns(UserWarning, match="below the target"):
+        index = RetrievalIndex.build(vectors, kind="ivfrabitq", nlist=16, lists_dir=tmp_path / "lists")
+    assert ",IVF16," in index.manifest.factory and faiss.extract_index_ivf(index.index).nlist == 16
+    assert 1 <= index.manifest.search["nprobe"] <= 16 and ids(index, queries).shape == (50, 10)
+    with pytest.raises(ValueError, match="not auto"):
+        RetrievalIndex.build(vectors, nlist=16)
+    with pytest.raises(ValueError, match="IVF kinds, not 'exact'"):
+        RetrievalIndex.build(vectors[:5000], kind="exact", nlist=16)
+
+
+def test_bits_pin_an_ivfrabitq_index_and_are_checked(data, tmp_path):
+    vectors, _ = data
+    index = RetrievalIndex.build(vectors, kind="ivfrabitq", bits=6, nlist=32)
+    assert index.manifest.factory == "RR32,IVF32,RaBitQ6"
+    for kind, bits in (("ivfrabitq", 5), ("ivfpq", 4)):
+        with pytest.raises(ValueError, match="bits applies to kind='ivfrabitq'"):
+            RetrievalIndex.build(vectors, kind=kind, bits=bits)
+    with pytest.raises(MemoryBudgetError, match="over the memory budget"):
+        RetrievalIndex.build(vectors, kind="ivfrabitq", bits=8, memory_budget="100KB")
