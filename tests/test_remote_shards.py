@@ -66,7 +66,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def server(toy_shards):
+def server(toy_shards, tmp_path, monkeypatch):
+    monkeypatch.setattr("clipkit.data.remote.CACHE", tmp_path / "remote-cache")  # side files fetched here
     served = ShardServer(toy_shards.root)
     thread = threading.Thread(target=served.serve_forever, daemon=True)
     thread.start()

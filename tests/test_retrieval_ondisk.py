@@ -33,8 +33,8 @@ def ids(index: RetrievalIndex, queries: np.ndarray) -> np.ndarray:
 def test_lists_on_disk_equal_the_same_index_in_memory(data, tmp_path, monkeypatch):
     vectors, queries = data
     monkeypatch.setattr("retrieval.ondisk.CHUNK_VECTORS", 5_000)  # three chunks merged
-    in_memory = RetrievalIndex.build(vectors, kind="ivfrabitq")
-    on_disk = RetrievalIndex.build(vectors, kind="ivfrabitq", lists_dir=tmp_path / "lists")
+    in_memory = RetrievalIndex.build(vectors, kind="ivfrabitq", bits=6)
+    on_disk = RetrievalIndex.build(vectors, kind="ivfrabitq", bits=6, lists_dir=tmp_path / "lists")
     assert lists_file(in_memory.index) is None and lists_file(on_disk.index) == tmp_path / "lists" / LISTS_FILE
     assert on_disk.manifest.factory == in_memory.manifest.factory
     assert on_disk.manifest.search == in_memory.manifest.search  # tuned alike, queries kept out by a selector
@@ -64,7 +64,7 @@ def test_lists_on_disk_equal_the_same_index_in_memory(data, tmp_path, monkeypatc
 
 def test_a_damaged_lists_file_is_caught(data, tmp_path):
     vectors, _ = data
-    RetrievalIndex.build(vectors, kind="ivfrabitq", lists_dir=tmp_path / "lists").save(tmp_path / "index")
+    RetrievalIndex.build(vectors, kind="ivfrabitq", bits=6, lists_dir=tmp_path / "lists").save(tmp_path / "index")
     lists = tmp_path / "index" / LISTS_FILE
     content = bytearray(lists.read_bytes())
     content[len(content) // 2] ^= 0xFF
@@ -87,7 +87,7 @@ def test_index_build_on_disk_from_the_command_line(data, tmp_path, capsys):
     emb.mkdir()
     write_embedding_shard(emb, "part", vectors, [{"n": i} for i in range(len(vectors))])
     write_manifest(emb, "synthetic", "image", vectors.shape[1], ["part"], counts=[len(vectors)])
-    assert main(["index", "build", str(emb), str(tmp_path / "idx"), "--on-disk"]) == 0
+    assert main(["index", "build", str(emb), str(tmp_path / "idx"), "--on-disk", "--bits", "6"]) == 0
     out = capsys.readouterr().out
     assert "as ivfrabitq" in out and "lists on disk" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb", "idx"]  # no scratch folder left
