@@ -392,9 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="embeddings folder; parts already there are kept and new ones added")
     embed.add_argument("--modality", default="image", help="the modality to embed (default: image)")
     embed.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
-    embed.add_argument("--workers", type=int, default=4,
-                       help="data-loader workers decoding samples, per rank (default: 4; 0 decodes in the main "
-                            "process). Under torchrun (`torchrun --nproc_per_node=N -m clipkit.embed ...`) the "
+    embed.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                       help="data-loader workers decoding samples, per rank (default: 4, or the CPU count if "
+                            "less; 0 decodes in the main process). Under torchrun (`torchrun --nproc_per_node=N -m clipkit.embed ...`) the "
                             "ranks share the parts")
     _add_progress_arg(embed)
     embed.set_defaults(func=cmd_embed)
