@@ -120,3 +120,23 @@ def test_bits_pin_an_ivfrabitq_index_and_are_checked(data, tmp_path):
             RetrievalIndex.build(vectors, kind=kind, bits=bits)
     with pytest.raises(MemoryBudgetError, match="over the memory budget"):
         RetrievalIndex.build(vectors, kind="ivfrabitq", bits=8, memory_budget="100KB")
+
+
+def test_the_service_answers_from_lists_on_disk(data, tmp_path):
+    from retrieval import Client
+    from retrieval.served import IndexSource, ServedIndex
+    from retrieval.service import create_app
+    from tests.test_serve import running
+
+    vectors, queries = data
+    metadata = [{"n": i} for i in range(len(vectors))]
+    RetrievalIndex.build(vectors, metadata, kind="ivfrabitq", bits=6, lists_dir=tmp_path / "lists").save(
+        tmp_path / "index")
+    library = RetrievalIndex.load(tmp_path / "index")
+    sources = {"big": IndexSource(lambda _: ServedIndex(RetrievalIndex.load(tmp_path / "index", mmap=True), None),
+                                  tmp_path / "index")}
+    with running(create_app(sources)) as url, Client(url) as client:
+        for query in queries[:5]:
+            served = client.search(vector=query.tolist(), k=5)
+            expected = library.search_vectors(query[None], k=5)[0]
+            assert [(h.id, h.metadata) for h in served] == [(h.id, h.metadata) for h in expected]
