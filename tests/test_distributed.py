@@ -186,25 +186,36 @@ def test_accumulation_equals_one_large_batch(toy_shards, tmp_path, loss_name):
                                    msg=lambda message, name=name: f"{name}: {message}")
 
 
-def test_torchrun_training_end_to_end(toy_shards, tmp_path):
-    """`torchrun -m clipkit.train`: both ranks train, rank 0 alone logs and checkpoints."""
-    config = exact_config(toy_shards, tmp_path)
+def four_steps(toy, tmp_path: Path) -> tuple[ExperimentConfig, Path]:
+    """A 4-step training config (batch 8 per rank, logged and saved every 2 steps) and its YAML file."""
+    config = exact_config(toy, tmp_path)
     config.data.batch_size = 8
     config.train.max_steps = 4
     config.train.log_every = 2
     config.train.save_every = 2
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
+    return config, path
+
+
+def logged_once(run: Path) -> list[dict]:
+    """The run's metrics records, after checking that one rank wrote them and the checkpoints, once."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "final.pt", "latest.json", "step-00000002.pt", "step-00000004.pt"]
+    return records
+
+
+def test_torchrun_training_end_to_end(toy_shards, tmp_path):
+    """`torchrun -m clipkit.train`: both ranks train, rank 0 alone logs and checkpoints."""
+    config, path = four_steps(toy_shards, tmp_path)
     done = torchrun(2, "-m", "clipkit.train", "--config", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained 4 steps") == 1  # printed by rank 0 only
-    run = Path(config.train.output_dir)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4]
+    records = logged_once(Path(config.train.output_dir))
     assert records[-1]["samples_seen"] == 4 * 8 * 2
     assert records[-1]["samples_per_s"] == pytest.approx(2 * records[-1]["samples_per_s_per_device"])
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "final.pt", "latest.json", "step-00000002.pt", "step-00000004.pt"]
 
 
 def children(pid: int) -> list[int]:
@@ -262,20 +273,11 @@ def lose_a_node(config: ExperimentConfig, tmp_path: Path, how: signal.Signals) -
 
 @pytest.mark.slow
 def test_two_node_training_checkpoints_once_and_a_lost_node_stops_the_other(toy_shards, tmp_path):
-    config = exact_config(toy_shards, tmp_path)
-    config.data.batch_size = 8
-    config.train.max_steps = 4
-    config.train.log_every = 2
-    config.train.save_every = 2
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict()))
+    config, path = four_steps(toy_shards, tmp_path)
     results = finish(start_nodes("-m", "clipkit.train", "--config", str(path)))
     assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
     assert sum(out.count("trained 4 steps") for _, out, _ in results) == 1
-    run = Path(config.train.output_dir)
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "final.pt", "latest.json", "step-00000002.pt", "step-00000004.pt"]
+    logged_once(Path(config.train.output_dir))
 
     # A node's process killed mid-training: the other sees its connection drop at once.
     code, err, seconds = lose_a_node(config, tmp_path, signal.SIGKILL)

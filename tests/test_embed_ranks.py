@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from clipkit.model import create_model
 from clipkit.train.checkpoint import save_checkpoint
 from retrieval import RetrievalIndex
 from tests.conftest import tiny_model_config
-from tests.test_distributed import REPO, torchrun
+from tests.test_distributed import REPO, torchrun, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -64,14 +63,6 @@ def test_two_ranks_write_the_folder_one_process_writes(toy_shards, checkpoint, t
     again = torchrun(2, *embed_args(checkpoint, dataset, tmp_path / "two"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 image vectors in 0 new part(s) (5 already done" in again.stdout
-
-
-def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def listed(path: Path) -> list[str]:
