@@ -153,7 +153,8 @@ class ShardReader:
         """The samples of one shard. A remote one whose read fails (a dropped connection, a timeout)
         is read again, up to ``REMOTE_SHARD_RETRIES`` times, from the first sample not yet delivered."""
         delivered = duplicates = 0
-        for attempt in range(1 + (0 if is_local(url) else REMOTE_SHARD_RETRIES)):
+        attempts = 1 if is_local(url) else 1 + REMOTE_SHARD_RETRIES  # a local file reads the same again
+        for attempt in range(attempts):
             errors: list[Exception] = []
             for index, sample in enumerate(self._attempt(url, errors)):
                 if index < delivered:  # delivered by an earlier attempt
@@ -164,7 +165,7 @@ class ShardReader:
                     self._keys.add(key)
                 delivered += 1
                 yield sample
-            if not errors or attempt == REMOTE_SHARD_RETRIES or is_local(url):
+            if not errors or attempt == attempts - 1:
                 break
             log.warning("reading shard %s failed after %d samples (%s: %s); reading it again (%d of %d)", url,
                         delivered, type(errors[0]).__name__, errors[0], attempt + 1, REMOTE_SHARD_RETRIES)

@@ -36,6 +36,7 @@ from clipkit.eval.embed_ledger import FolderIdentity, PartLedger
 from clipkit.eval.embed_parts import Part, PartChunk, file_parts, part_loader, shard_parts
 from clipkit.eval.encoders import Encoder, encoder_device
 from clipkit.eval.layout import resolve_dataset
+from clipkit.modalities import FieldDecoder
 from retrieval.embeddings import EmbeddingsManifest, write_embedding_shard
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,8 @@ def embed_to_dir(encoder: Encoder, modality: str, dataset: str, out_dir: str | P
              else file_parts(layout.folder, decoder.extensions))
     mine = parts[rank::world_size]
     todo = [part for part in mine if part.stem not in ledger.done]
-    summary = _embed_parts(encoder, modality, todo, ledger, out, batch_size=batch_size, num_workers=num_workers,
-                           progress=progress and rank == 0)
+    summary = _embed_parts(encoder, modality, decoder, todo, ledger, out, batch_size=batch_size,
+                           num_workers=num_workers, progress=progress and rank == 0)
     summary = replace(summary, shards_skipped=len(mine) - len(todo))
     if world_size > 1:
         gathered: list[EmbedSummary | None] = [None] * world_size
@@ -135,8 +136,8 @@ def embed_to_dir(encoder: Encoder, modality: str, dataset: str, out_dir: str | P
     return summary
 
 
-def _embed_parts(encoder: Encoder, modality: str, parts: list[Part], ledger: PartLedger, out: Path, *,
-                 batch_size: int, num_workers: int, progress: bool) -> EmbedSummary:
+def _embed_parts(encoder: Encoder, modality: str, decoder: FieldDecoder, parts: list[Part], ledger: PartLedger,
+                 out: Path, *, batch_size: int, num_workers: int, progress: bool) -> EmbedSummary:
     """Encode and write ``parts``, recording each in ``ledger`` as it completes."""
     written = vectors = failed = empty = 0
     if not parts:
@@ -144,7 +145,7 @@ def _embed_parts(encoder: Encoder, modality: str, parts: list[Part], ledger: Par
     start = time.perf_counter()
     in_progress: dict[int, _PartInProgress] = {}
     bar = tqdm(total=len(parts), desc=f"embedding {modality}", unit="part", disable=not progress)
-    for chunk in part_loader(parts, encoder.eval_decoder(modality), batch_size, num_workers):
+    for chunk in part_loader(parts, decoder, batch_size, num_workers):
         gathered = in_progress.setdefault(chunk.part, _PartInProgress())
         gathered.failed += chunk.failed
         if chunk.records:
