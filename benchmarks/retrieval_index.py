@@ -274,19 +274,6 @@ def scale_build_phase(workdir: Path, lists: int, bits: int) -> dict:
             "lists_bytes": manifest.lists_bytes, "metadata_bytes": manifest.metadata_bytes}
 
 
-def scale_search_phase(workdir: Path) -> dict:
-    queries, truth = np.load(workdir / "queries.npy"), np.load(workdir / "truth.npy")
-    before = rss_bytes()
-    index = RetrievalIndex.load(workdir / "index", mmap=True, verify=False)
-    loaded = rss_bytes() - before
-    index.search_vectors(queries[:BATCH], k=10)
-    qps_1, _ = queries_per_s(index, queries, 1)
-    qps_64, hits = queries_per_s(index, queries, BATCH)
-    found = np.array([[hit.id for hit in row] + [-1] * (10 - len(row)) for row in hits])
-    return {"loaded_rss": loaded, "qps_1": qps_1, "qps_64": qps_64,
-            "recall_at_10": recall_at_k(found, truth[:len(found)]), "recall_queries": len(found)}
-
-
 def run_scale(args: argparse.Namespace, num_vectors: int) -> None:
     """``--scale N``: an on-disk IVF-RaBitQ index of N float16 vectors built from an embeddings folder
     (lists merged on disk, in chunks), then searched memory-mapped, each in a fresh process."""
@@ -346,8 +333,9 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
 
     if args.phase and args.scale:
+        # The search is the kinds' own: loading an index whose lists are on disk maps them.
         result = (scale_build_phase(args.workdir, args.nlist, args.bits) if args.phase == "build"
-                  else scale_search_phase(args.workdir))
+                  else search_phase(args.workdir, "index"))
         print(json.dumps(result))
         return
     if args.phase:  # a child process: one phase of one kind, one JSON line out
