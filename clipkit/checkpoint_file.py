@@ -12,6 +12,9 @@ import torch
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without unpickling code (``weights_only=True``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: a training checkpoint of an FSDP run (train.parallel fsdp), which "
+                         "resumes that run; evaluate, export and serve its checkpoints/final.pt or best.pt")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

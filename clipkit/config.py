@@ -356,12 +356,19 @@ class TrainConfig:
     collective_timeout_s: float = 1800.0
     # "auto": bf16 autocast on CUDA, fp32 on the CPU. "fp16" adds a gradient scaler.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # How a torchrun job spreads the model over its ranks. "ddp": every rank holds the whole model,
+    # its gradients and optimizer state (DistributedDataParallel). "fsdp": each rank holds 1/N of them
+    # (FSDP2, one shard group per block of each tower), gathering a block's weights only while it runs;
+    # in bf16 its weights are gathered in bf16 and gradients reduced in fp32. Its checkpoints are
+    # folders (torch.distributed.checkpoint) that resume on any number of ranks.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     grad_clip_norm: float | None = None
     # Recompute tower activations in the backward pass (where timm / the text tower support it).
     grad_checkpointing: bool = False
     # Convolution weights and image batches in channels-last (NHWC) memory: the layout tensor cores and
     # oneDNN convolve fastest. On a 2-core CPU it cut the CPU time of the quickstart's training step by a
-    # quarter and of a ResNet-18 one by a tenth; a ViT (one convolution) is unaffected.
+    # quarter and of a ResNet-18 one by a tenth; a ViT (one convolution) is unaffected. DDP only: FSDP
+    # shards contiguous weights only.
     channels_last: bool = True
     # torch.compile the model: fused kernels for forward and backward after a compile of minutes on the
     # first step (a C++ compiler on CPUs). Worth it for long GPU runs, not for short CPU ones.
@@ -391,6 +398,12 @@ class TrainConfig:
     # image_retrieval_recall@1.
     select_metric: str | None = None
 
+    @property
+    def uses_channels_last(self) -> bool:
+        """Whether weights and image batches go channels-last: never under FSDP, which shards only
+        contiguous (channels-first) weights."""
+        return self.channels_last and self.parallel == "ddp"
+
     def __post_init__(self) -> None:
         check_ranges(
             ("epochs", self.epochs >= 1, "must be at least 1"),
@@ -411,6 +424,9 @@ class TrainConfig:
             ("eval_every", self.eval_every in (None, "epoch") or self.eval_every >= 1, "must be at least 1"),
             ("device", DEVICE_NAME.fullmatch(self.device) is not None,
              f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"),
+            ("precision", not (self.parallel == "fsdp" and self.precision == "fp16"),
+             "fp16 needs a gradient scaler, which does not see FSDP's sharded gradients: with "
+             "train.parallel fsdp use bf16 (or auto, bf16 on GPUs)"),
         )
 
 

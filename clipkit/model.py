@@ -203,3 +203,10 @@ def open_clip_unlocked_groups(config: ModelConfig) -> dict[str, int]:
 
 def create_model(config: ModelConfig, *, load_weights: bool = True) -> ContrastiveModel:
     return ContrastiveModel(config, load_weights=load_weights)
+
+
+def model_for_weights(config: ModelConfig) -> ContrastiveModel:
+    """``config``'s architecture, to load trained weights into: it reads no pretrained weights, open_clip
+    weights or initial towers (those are in the weights it is given)."""
+    image = dataclasses.replace(config.image, pretrained=False, pretrained_file=None)
+    return ContrastiveModel(dataclasses.replace(config, image=image, init_towers={}), load_weights=False)

@@ -43,7 +43,7 @@ def exact_config(toy, tmp_path: Path, **train: object) -> ExperimentConfig:
     if train.get("method") in ("simclr", "slip"):
         config.model.ssl.projector_layers = 1
         config.model.ssl.projection_dim = 16
-    if train.get("method") == "simclr":
+    if train.get("method") in ("simclr", "byol"):
         config.model.modalities = ("image",)
     for key, value in train.items():
         if hasattr(config.model, key):

@@ -8,11 +8,11 @@ after its checkpoint is complete, so a crash mid-save never leaves a broken "lat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ import torch
 from clipkit import __version__
 from clipkit.checkpoint_file import load_checkpoint
 from clipkit.config import ExperimentConfig, from_dict
-from clipkit.model import ContrastiveModel
+from clipkit.model import ContrastiveModel, model_for_weights
 
 LATEST_POINTER = "latest.json"
-_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+_STEP_FILE = re.compile(r"^step-(\d+)(\.pt)?$")
 
 
 def save_checkpoint(path: str | Path, model: ContrastiveModel, config: ExperimentConfig, **state: Any) -> Path:
@@ -51,9 +51,7 @@ def load_model(
     """Rebuild the model a checkpoint was trained with and load its weights; returns it in eval mode."""
     payload = load_checkpoint(path, map_location)
     config = from_dict(ExperimentConfig, payload["config"], source=f"checkpoint {path}")
-    # The weights come from the checkpoint: never fetch pretrained weights or initial towers again.
-    image = dataclasses.replace(config.model.image, pretrained=False, pretrained_file=None)
-    model = ContrastiveModel(dataclasses.replace(config.model, image=image, init_towers={}), load_weights=False)
+    model = model_for_weights(config.model)
     model.load_state_dict(payload["model"])
     model.name = str(path)
     return model.to(map_location).eval(), config
@@ -85,25 +83,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    """Numbered checkpoints ``step-00000100.pt`` in one folder, a ``latest.json`` pointer to the
-    newest complete one, and retention of the newest ``keep_last``."""
+    """Numbered checkpoints ``step-00000100.pt`` in one folder (``step-00000100/`` folders when
+    ``sharded``: see :mod:`clipkit.train.sharded_checkpoint`), a ``latest.json`` pointer to the newest
+    complete one, and retention of the newest ``keep_last``."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 2) -> None:
+    def __init__(self, directory: str | Path, keep_last: int = 2, *, sharded: bool = False) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.sharded = sharded
 
     def path(self, step: int) -> Path:
         """Where the checkpoint of ``step`` is written."""
-        return self.directory / f"step-{step:08d}.pt"
+        return self.directory / (f"step-{step:08d}" if self.sharded else f"step-{step:08d}.pt")
 
     def save(self, model: ContrastiveModel, config: ExperimentConfig, *, step: int, **state: Any) -> Path:
         path = save_checkpoint(self.path(step), model, config, step=step, **state)
+        self.commit(step)
+        return path
+
+    def commit(self, step: int) -> None:
+        """Point ``latest.json`` at the complete checkpoint of ``step`` and drop the oldest beyond ``keep_last``."""
         pointer = self.directory / LATEST_POINTER
         tmp = pointer.with_name(pointer.name + ".tmp")
-        tmp.write_text(json.dumps({"path": path.name, "step": step}))
+        tmp.write_text(json.dumps({"path": self.path(step).name, "step": step}))
         os.replace(tmp, pointer)
         self._prune()
-        return path
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest.json`` names, or None when this folder has none."""
@@ -111,7 +115,7 @@ class Checkpointer:
         if not pointer.is_file():
             return None
         path = self.directory / json.loads(pointer.read_text())["path"]
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
         return path
 
@@ -123,11 +127,14 @@ class Checkpointer:
                 raise FileNotFoundError(f"train.resume=latest but {self.directory} holds no checkpoint yet")
             return path
         path = Path(resume)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"train.resume: checkpoint not found: {path}")
         return path
 
     def _prune(self) -> None:
         numbered = sorted(p for p in self.directory.iterdir() if _STEP_FILE.match(p.name))
         for old in numbered[: -self.keep_last]:
-            old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()

@@ -46,7 +46,7 @@ def build_training_model(config: ExperimentConfig, device: torch.device) -> Cont
     same initial weights from ``train.seed`` (DDP also broadcasts rank 0's)."""
     seed_everything(config.train.seed)
     model = create_model(config.model).to(device)
-    if config.train.channels_last:
+    if config.train.uses_channels_last:
         model.to(memory_format=torch.channels_last)  # converts the 4-D (convolution) weights only
     model.set_grad_checkpointing(config.train.grad_checkpointing)
     return model
@@ -96,7 +96,7 @@ def build_training_loss(config: ExperimentConfig) -> MethodLoss:
 
 
 def build_checkpointer(config: TrainConfig) -> Checkpointer:
-    return Checkpointer(Path(config.output_dir) / "checkpoints", config.keep_last)
+    return Checkpointer(Path(config.output_dir) / "checkpoints", config.keep_last, sharded=config.parallel == "fsdp")
 
 
 def build_metrics(config: TrainConfig) -> MetricsLogger:

@@ -19,6 +19,9 @@ CHANGEABLE = {
     "data.train_shards", "data.val_shards", "data.table_columns", "train.eval_every", "train.select_metric",
 }
 
+# How the global batch is split into ranks and micro-batches: free to change while its size stays.
+SPLIT_OF_THE_BATCH = ("data.batch_size", "train.accum_freq")
+
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
@@ -38,8 +41,15 @@ def check_resume(checkpoint: Path, saved_config: dict[str, Any], config: Experim
     changes = {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
                if old.get(key) != new.get(key)}
     refused = {key: values for key, values in changes.items() if key not in CHANGEABLE}
-    if saved_world is not None and saved_world != world:
-        refused["ranks (WORLD_SIZE)"] = (saved_world, world)
+    saved_world = world if saved_world is None else saved_world
+    saved_batch = old.get("data.batch_size", 0) * old.get("train.accum_freq", 1) * saved_world
+    batch = config.data.batch_size * config.train.accum_freq * world
+    if saved_batch == batch:  # the same global batch, split differently: the same optimization
+        for key in SPLIT_OF_THE_BATCH:
+            refused.pop(key, None)
+    else:
+        refused[f"the global batch (data.batch_size × train.accum_freq × {world} ranks, as it was over "
+                f"{saved_world})"] = (saved_batch, batch)
     if refused:
         listed = "; ".join(f"{key} {before!r} → {after!r}" for key, (before, after) in refused.items())
         raise ConfigError(

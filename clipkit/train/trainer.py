@@ -3,8 +3,9 @@ optimizer, schedule, evaluator, checkpointer, metrics): steps, accumulation, pre
 data position, checkpoints, evaluation and preemption.
 
 One code path serves one CPU process, one GPU and torchrun jobs over many GPUs and nodes: every
-rank reads its own shards, features are gathered across ranks inside the loss, and DDP averages the
-gradients, so N ranks step exactly like one process on the global batch.
+rank reads its own shards, features are gathered across ranks inside the loss, and DDP (or FSDP, with
+``train.parallel: fsdp``) averages the gradients, so N ranks step exactly like one process on the
+global batch.
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ from clipkit.methods.base import embedding_spread
 from clipkit.model import ContrastiveModel
 from clipkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from clipkit.train.evaluator import describe, is_better
+from clipkit.train.fsdp import (average_replicated_grads, rank_memory_mib, replicated_parameters, shard_model,
+                                unsharded_copy)
+from clipkit.train.fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.parts import TrainSpec
 from clipkit.train.resume import check_resume
+from clipkit.train.sharded_checkpoint import load_sharded, read_trainer_state, save_sharded
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +173,21 @@ class Trainer:
             config.train.device, timeout=timedelta(seconds=config.train.collective_timeout_s))
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
+        self.precision = resolve_precision(self.device, config.train.precision)
         self.model: ContrastiveModel = spec.model(config, self.device)
         self.ddp_model: nn.Module = self.model
-        if self.dist.is_distributed:
+        # Sharded: FSDP's parameters are the model's own, sharded in place; the 0-d ones stay whole.
+        self.sharded = self.dist.is_distributed and config.train.parallel == "fsdp"
+        self.replicated = replicated_parameters(self.model) if self.sharded else []
+        if self.sharded:
+            shard_model(self.model, self.precision)
+        elif self.dist.is_distributed:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.train.compile:
             # Compiled after the DDP wrap, so dynamo splits graphs at DDP's gradient buckets. Checkpoints
             # keep saving self.model: its parameters are the compiled module's, without a prefix.
             self.ddp_model = torch.compile(self.ddp_model)
-        self.precision = resolve_precision(self.device, config.train.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         data = spec.data(config, self.dist)
@@ -211,9 +221,8 @@ class Trainer:
     # --- state -------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """Everything but the model and config needed to continue exactly (``weights_only``-safe)."""
+        """Everything but the model, config and optimizer needed to continue exactly (``weights_only``-safe)."""
         return {
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "samples_seen": self.samples_seen,
@@ -225,24 +234,36 @@ class Trainer:
         }
 
     def resume(self, path: Path) -> None:
-        payload = load_checkpoint(path, map_location=self.device)
-        if "optimizer" not in payload:
+        """Continue from a checkpoint: a file of a DDP run, a folder of an FSDP one (on any number of ranks)."""
+        payload = read_trainer_state(path) if path.is_dir() else load_checkpoint(path, map_location=self.device)
+        if not path.is_dir() and "optimizer" not in payload:
             raise ValueError(f"{path} holds weights only (no optimizer state): it cannot resume a run")
-        changes = check_resume(path, payload["config"], self.config, payload.get("world_size"), self.dist.world_size)
+        saved_world = payload.get("world_size")
+        changes = check_resume(path, payload["config"], self.config, saved_world, self.dist.world_size)
         if changes and self.dist.is_main:
             log.info("resuming with changed settings: %s",
                      "; ".join(f"{key} {old!r} → {new!r}" for key, (old, new) in changes.items()))
         if "data.num_workers" in changes and self.dist.is_main:
             log.warning("data.num_workers changed on resume: the data position is exact only with the number "
                         "of workers it was saved with; each worker may resume a few samples early or late")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if path.is_dir():
+            load_sharded(path, self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         self.step = payload["step"]
         self.samples_seen = payload["samples_seen"]
         self.epoch = payload["epoch"]
-        self.batches_in_epoch = payload["batches_in_epoch"]
+        # The position counts micro-batches: the same optimizer steps in this run's accumulation.
+        steps_in_epoch = payload["batches_in_epoch"] // payload["config"]["train"]["accum_freq"]
+        self.batches_in_epoch = steps_in_epoch * self.config.train.accum_freq
+        if saved_world != self.dist.world_size and self.batches_in_epoch and self.dist.is_main:
+            log.warning("resumed on %d ranks from a checkpoint of %s: epoch %d goes on after the same %d global "
+                        "batches, but which samples they held depends on how the shards were split over the "
+                        "ranks, so until the epoch ends some of its samples may come twice and others not at all",
+                        self.dist.world_size, saved_world, self.epoch, steps_in_epoch)
         # The best so far counts only if it measured the same metric on the same data as this run does.
         best = payload.get("best") or {}
         self.best_value = best.get("value") if best.get("of") == self._best_of() else None
@@ -252,11 +273,18 @@ class Trainer:
                      self.batches_in_epoch)
 
     def save(self) -> Path:
-        """A resumable checkpoint of the current step (rank 0 writes; the others wait)."""
-        if self._saved_step != self.step:  # else save_every already saved this step
+        """A resumable checkpoint of the current step: a file rank 0 writes while the others wait, or
+        under FSDP a folder of every rank's shards."""
+        if self._saved_step == self.step:  # save_every already saved this step
+            return self.checkpointer.path(self.step)
+        if self.checkpointer.sharded:  # every rank writes its shards
+            save_sharded(self.checkpointer.path(self.step), self.model, self.optimizer, self.config, step=self.step,
+                         **self.state())
+            self._write_on_main(lambda: self.checkpointer.commit(self.step))
+        else:
             self._write_on_main(lambda: self.checkpointer.save(self.model, self.config, step=self.step,
-                                                               **self.state()))
-            self._saved_step = self.step
+                                                               optimizer=self.optimizer.state_dict(), **self.state()))
+        self._saved_step = self.step
         return self.checkpointer.path(self.step)
 
     # --- evaluation --------------------------------------------------------------------------
@@ -310,12 +338,13 @@ class Trainer:
     def _evaluate(self, metrics: MetricsLogger | None) -> dict[str, Any] | None:
         if self.evaluator is None or self.select_metric is None:
             raise RuntimeError("evaluate() needs data.eval_shards or data.val_shards")
-        self.model.eval()
+        model = self._whole_model()
+        model.eval()
         try:
             with torch.no_grad():
-                record = self.evaluator.evaluate(self.model)
+                record = self.evaluator.evaluate(model)
         finally:
-            self.model.train()
+            model.train()
         if record is None:  # not rank 0
             self._write_on_main(lambda: None)
             return None
@@ -331,13 +360,18 @@ class Trainer:
         tqdm.write(f"eval after {when}: {describe(record, self.evaluator.modality)}  "
                    f"[{record['eval_seconds']:.1f} s]" + (" (best so far)" if improved else ""))
         # Every rank passes the same barrier once; rank 0 writes when the metric improved.
-        self._write_on_main(self._save_best if improved else lambda: None)
+        self._write_on_main((lambda: self._save_best(model)) if improved else lambda: None)
         return record
 
-    def _save_best(self) -> None:
-        save_checkpoint(self.checkpointer.directory / "best.pt", self.model, self.config, step=self.step,
+    def _save_best(self, model: ContrastiveModel) -> None:
+        save_checkpoint(self.checkpointer.directory / "best.pt", model, self.config, step=self.step,
                         samples_seen=self.samples_seen, select_metric=self.select_metric,
                         select_value=self.best_value)
+
+    def _whole_model(self) -> ContrastiveModel:
+        """The model with all its weights on this rank: itself, or under FSDP an unsharded copy (every
+        rank must call this then)."""
+        return unsharded_copy(self.model) if self.sharded else self.model
 
     def _write_on_main(self, write: Callable[[], object]) -> None:
         """Rank 0 writes; every rank waits until it has, so no rank reads or exits ahead of the file."""
@@ -381,7 +415,7 @@ class Trainer:
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.device, non_blocking=True)
-        if self.config.train.channels_last and tensor.dim() == 4:
+        if self.config.train.uses_channels_last and tensor.dim() == 4:
             # Channels-last weights want channels-last images, else every convolution converts its input.
             # Converted after the copy: on a GPU the (pinned, asynchronous) copy stays a plain one.
             tensor = tensor.contiguous(memory_format=torch.channels_last)
@@ -413,8 +447,7 @@ class Trainer:
                 cached = [self._forward(batch) for batch in micro_batches]
             for index, batch in enumerate(micro_batches):
                 last = index == len(micro_batches) - 1
-                sync = contextlib.nullcontext() if last or not self.dist.is_distributed else self.ddp_model.no_sync()
-                with sync:
+                with contextlib.nullcontext() if last else self._without_gradient_sync():
                     fresh = self._forward(batch)
                     outputs = {
                         name: torch.cat([fresh[name] if i == index else c[name] for i, c in enumerate(cached)])
@@ -422,10 +455,12 @@ class Trainer:
                     }
                     loss = self._loss(outputs, with_temperature_grad=last)
                     self.scaler.scale(loss).backward()
+        average_replicated_grads(self.replicated)
         if self.config.train.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             trainable = [p for p in self.model.parameters() if p.requires_grad]
-            torch.nn.utils.clip_grad_norm_(trainable, self.config.train.grad_clip_norm)
+            clip = fsdp_clip_grad_norm_ if self.sharded else torch.nn.utils.clip_grad_norm_
+            clip(trainable, self.config.train.grad_clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -433,6 +468,21 @@ class Trainer:
         self.model.heads.after_step(self.model.towers, self.step, self.total_steps)
         self.last_spread = embedding_spread(outputs[self.model.heads.monitored].detach())
         return loss.detach()
+
+    @contextlib.contextmanager
+    def _without_gradient_sync(self) -> Iterator[None]:
+        """Backward passes whose gradients accumulate on each rank, to be averaged with a later one's."""
+        if not self.dist.is_distributed:
+            yield
+        elif self.sharded:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            with self.ddp_model.no_sync():
+                yield
 
     def close(self) -> None:
         """Release the DDP wrapper; call it before ``shutdown_distributed``.
@@ -549,6 +599,7 @@ class Trainer:
             "duplicate_keys": round(totals[3].item() * world),
             "missing_shards": len(self.missing.shards),
             "embedding_spread": totals[4].item(),
+            **rank_memory_mib(self.model, self.optimizer),
         }
         if record["embedding_spread"] < COLLAPSED_SPREAD and not self.warned_collapse and self.dist.is_main:
             log.warning("the embeddings have collapsed at step %d (embedding_spread %.3f: every image embeds to "
@@ -562,7 +613,8 @@ class Trainer:
     def _save_final(self) -> Path:
         """The trained model alone (weights + config) as ``checkpoints/final.pt``, for evaluation and serving."""
         path = self.checkpointer.directory / "final.pt"
-        self._write_on_main(lambda: save_checkpoint(path, self.model, self.config, step=self.step,
+        model = self._whole_model()
+        self._write_on_main(lambda: save_checkpoint(path, model, self.config, step=self.step,
                                                     samples_seen=self.samples_seen))
         return path
 
