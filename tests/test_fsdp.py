@@ -48,6 +48,19 @@ def test_fsdp_step_equals_ddp(toy_shards, tmp_path, options):
         assert norm == pytest.approx(options["grad_clip_norm"], rel=1e-4)
 
 
+def test_fsdp_bf16_gathers_bf16_weights_and_keeps_fp32_gradients(toy_shards, tmp_path):
+    """The GPU policy, run on the CPU: the step computes in bf16 (its loss is not fp32's to the last
+    bit, yet close) while gradients and weights stay fp32 and point where fp32's do."""
+    batch = fixed_batch(exact_config(toy_shards, tmp_path))
+    fp32 = two_rank_step(exact_config(toy_shards, tmp_path, parallel="fsdp"), batch, tmp_path)
+    bf16 = two_rank_step(exact_config(toy_shards, tmp_path, parallel="fsdp", precision="bf16"), batch, tmp_path)
+    assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
+    assert {grad.dtype for grad in bf16["grads"].values()} == {torch.float32}
+    assert {param.dtype for param in bf16["params"].values()} == {torch.float32}
+    flat = [torch.cat([run["grads"][name].flatten() for name in sorted(fp32["grads"])]) for run in (fp32, bf16)]
+    assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99
+
+
 def test_shard_units_are_each_towers_blocks():
     """A ViT's blocks and the text transformer's residual blocks; not a stem's or an MLP's layers."""
     from clipkit.model import model_for_weights

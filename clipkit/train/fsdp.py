@@ -47,24 +47,26 @@ def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [param for param in model.parameters() if param.dim() == 0]
 
 
-def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    """bf16: weights all-gathered and used in bf16, gradients reduced in fp32, features returned in
-    fp32 (for the loss). Otherwise everything in the parameters' own dtype."""
+def mixed_precision(precision: str, *, outermost: bool = False) -> MixedPrecisionPolicy:
+    """bf16: weights all-gathered and used in bf16, gradients reduced in fp32; the ``outermost`` group
+    (the model) returns fp32 outputs for the loss. Inner groups hand bf16 on, or the next layer of the
+    group above (a final norm with bf16 weights) would get fp32 input. Otherwise the parameters' dtype."""
     if precision == "bf16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                    output_dtype=torch.float32)
+                                    output_dtype=torch.float32 if outermost else None)
     return MixedPrecisionPolicy()
 
 
 def shard_model(model: ContrastiveModel, precision: str) -> None:
     """Shard ``model`` in place over the default process group: each unit of :func:`shard_units`, then
     each tower, then the model (bottom-up, as FSDP2 requires)."""
-    policy = mixed_precision(precision)
+    inner = mixed_precision(precision)
     for unit in shard_units(model):
-        fully_shard(unit, mp_policy=policy)
+        fully_shard(unit, mp_policy=inner)
     for tower in model.towers.values():
-        fully_shard(tower, mp_policy=policy)
-    fully_shard(model, mp_policy=policy, ignored_params=set(replicated_parameters(model)))
+        fully_shard(tower, mp_policy=inner)
+    fully_shard(model, mp_policy=mixed_precision(precision, outermost=True),
+                ignored_params=set(replicated_parameters(model)))
 
 
 def average_replicated_grads(params: Iterable[nn.Parameter]) -> None:
