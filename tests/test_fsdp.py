@@ -28,8 +28,9 @@ from tests.test_distributed import assert_same_step, exact_config, fixed_batch, 
         {"loss": "infonce", "grad_clip_norm": 0.05},
         {"method": "simclr"},
         {"method": "byol"},
+        {"loss": "infonce", "grad_checkpointing": True, "layer_decay": 0.7},
     ],
-    ids=["infonce", "siglip-accum2", "infonce-clipped", "simclr", "byol"],
+    ids=["infonce", "siglip-accum2", "infonce-clipped", "simclr", "byol", "checkpointed-layer-decay"],
 )
 def test_fsdp_step_equals_ddp(toy_shards, tmp_path, options):
     """Loss, every gradient and every parameter after the step (BYOL's momentum target too); the
