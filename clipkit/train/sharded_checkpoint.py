@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from clipkit import __version__
 from clipkit.config import ExperimentConfig
+from clipkit.distributed import rank_and_world
 
 TRAINER_STATE = "trainer.pt"
 METADATA = ".metadata"
@@ -72,10 +73,6 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / TRAINER_STATE).is_file()
 
 
-def _rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 @contextlib.contextmanager
 def _one_process_is_meant() -> Iterator[None]:
     """DCP warns on every save and load without a process group, which a one-process run means."""
@@ -95,14 +92,14 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     (builtins and tensors) with the config into ``trainer.pt``. An existing folder of that name is
     replaced."""
     tmp = directory.with_name(directory.name + ".tmp")
-    if _rank_zero():
+    if rank_and_world()[0] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
     with _one_process_is_meant():
         dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=dcp.FileSystemWriter(tmp))
-    if _rank_zero():
+    if rank_and_world()[0] == 0:
         torch.save({"clipkit_version": __version__, "config": config.to_dict(), **state}, tmp / TRAINER_STATE)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
