@@ -69,10 +69,6 @@ class CheckpointReader(dcp.FileSystemReader):
         return metadata
 
 
-def is_sharded_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / TRAINER_STATE).is_file()
-
-
 @contextlib.contextmanager
 def _one_process_is_meant() -> Iterator[None]:
     """DCP warns on every save and load without a process group, which a one-process run means."""

@@ -235,8 +235,9 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint: a file of a DDP run, a folder of an FSDP one (on any number of ranks)."""
-        payload = read_trainer_state(path) if path.is_dir() else load_checkpoint(path, map_location=self.device)
-        if not path.is_dir() and "optimizer" not in payload:
+        folder = path.is_dir()
+        payload = read_trainer_state(path) if folder else load_checkpoint(path, map_location=self.device)
+        if not folder and "optimizer" not in payload:
             raise ValueError(f"{path} holds weights only (no optimizer state): it cannot resume a run")
         saved_world = payload.get("world_size")
         changes = check_resume(path, payload["config"], self.config, saved_world, self.dist.world_size)
@@ -246,7 +247,7 @@ class Trainer:
         if "data.num_workers" in changes and self.dist.is_main:
             log.warning("data.num_workers changed on resume: the data position is exact only with the number "
                         "of workers it was saved with; each worker may resume a few samples early or late")
-        if path.is_dir():
+        if folder:
             load_sharded(path, self.model, self.optimizer)
         else:
             self.model.load_state_dict(payload["model"])
